@@ -85,7 +85,9 @@ class ModelConfig:
             raise ValueError("checkpoints with attention or MLP biases are not supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}: Llama uses silu")
-        rope = hf.get("rope_scaling") or None
+        # transformers 5 writes `rope_parameters` (theta included); older checkpoints `rope_scaling` + `rope_theta`.
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or None
+        theta = (rope or {}).get("rope_theta", hf.get("rope_theta", 10_000.0))
         scaling = None
         if rope is not None:
             kind = rope.get("rope_type", rope.get("type"))
@@ -96,7 +98,7 @@ class ModelConfig:
                     high_freq_factor=float(rope["high_freq_factor"]),
                     original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
                 )
-            elif kind != "default":
+            elif kind not in ("default", None):
                 raise ValueError(f"unsupported rope_scaling type {kind!r}: only 'llama3' or none")
         try:
             return cls(
@@ -108,7 +110,7 @@ class ModelConfig:
                 intermediate_size=hf["intermediate_size"],
                 head_dim=hf.get("head_dim"),
                 rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-                rope_theta=hf.get("rope_theta", 10_000.0),
+                rope_theta=theta,
                 rope_scaling=scaling,
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
                 tie_word_embeddings=hf.get("tie_word_embeddings", False),

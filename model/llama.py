@@ -1,0 +1,77 @@
+"""Llama 3: embeddings, pre-norm decoder blocks, final norm, output head (tied or not)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import ATTENTION_IMPLS, Attention
+from model.batch import ForwardBatch
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+from model.layers import MLP, RMSNorm
+from model.rope import rope_tables
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, batch: ForwardBatch, k_cache, v_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """Module names equal the Hugging Face checkpoint's tensor names, so loading is an identity map."""
+
+    def __init__(self, config: ModelConfig, max_seq_len: int | None = None):
+        super().__init__()
+        self.config = config
+        self.max_seq_len = min(max_seq_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_rope()
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE tables; needed after building the model on the meta device."""
+        cos, sin = rope_tables(self.config, self.max_seq_len, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def set_attention_impl(self, impl: str) -> None:
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
+        for layer in self.model.layers:
+            layer.self_attn.impl = impl
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), vocab] in float32, only for the rows that need them."""
+        if batch.max_position >= min(self.max_seq_len, cache.max_seq_len):
+            raise ValueError(f"position {batch.max_position} is beyond the model's or the cache's maximum length")
+        x = self.model.embed_tokens(batch.input_ids)  # [N, dim]
+        cos = self.rope_cos[batch.positions]  # [N, D/2]
+        sin = self.rope_sin[batch.positions]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, batch, cache.k[i], cache.v[i])
+        x = self.model.norm(x[batch.logits_indices])  # [M, dim]
+        return self.lm_head(x).float()

@@ -1,0 +1,149 @@
+"""Build a `Llama` from a checkpoint: a local Hugging Face directory, a Hub repo id, or a GGUF file.
+
+Weights are streamed one tensor at a time from mmapped files into a model built on the meta device, so
+a checkpoint never sits in memory twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.llama import Llama
+
+if TYPE_CHECKING:
+    from model.tokenizer import Tokenizer
+
+# Tensors some checkpoints carry that the model recomputes.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class LoadedModel:
+    model: Llama
+    tokenizer: "Tokenizer"
+    config: ModelConfig
+    source: str
+    load_seconds: float
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                max_seq_len: int | None = None) -> Llama:
+    """Assign named checkpoint tensors into a meta-device `Llama`, checking every name and shape."""
+    dtype = dtype or default_dtype(device)
+    with torch.device("meta"):
+        model = Llama(config, max_seq_len=max_seq_len)
+    expected = dict(model.named_parameters())  # a tied head is not listed twice
+    seen = set()
+    for name, tensor in tensors:
+        if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if name not in expected:
+            raise ValueError(f"checkpoint tensor {name!r} is not part of a Llama model")
+        want = tuple(expected[name].shape)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {want}")
+        parent, _, leaf = name.rpartition(".")
+        param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        setattr(model.get_submodule(parent), leaf, param)
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+    model.tie_weights()
+    model.reset_rope(device)
+    return model.eval()
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The weight files of a directory: a single model.safetensors or the shards its index lists."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ValueError(f"{index.name} lists shards that are missing from {directory}: {', '.join(absent)}")
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ValueError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def load_directory(directory: Path, **kwargs) -> tuple[Llama, Tokenizer, ModelConfig]:
+    from model.tokenizer import Tokenizer
+
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"{directory} has no config.json: not a Hugging Face model directory")
+    config = ModelConfig.from_json_file(directory / "config.json", name=directory.name)
+    tokenizer = Tokenizer.from_directory(directory)
+    model = build_model(config, iter_safetensors(safetensors_files(directory)), **kwargs)
+    return model, tokenizer, config
+
+
+def load_gguf(path: Path, **kwargs) -> tuple[Llama, Tokenizer, ModelConfig]:
+    from model.gguf import config_from_gguf, load_gguf_state_dict
+    from model.tokenizer import Tokenizer
+
+    config = config_from_gguf(path)
+    tokenizer = Tokenizer.from_gguf(path)
+    state = load_gguf_state_dict(path)
+    model = build_model(config, state.items(), **kwargs)
+    return model, tokenizer, config
+
+
+def load(source: str | Path | None = None, *, device: torch.device | str = "cpu",
+         dtype: torch.dtype | None = None, max_seq_len: int | None = None,
+         revision: str | None = None) -> LoadedModel:
+    """Load a model by what `source` names: None (the embedded default), a .gguf file, a directory, a repo id."""
+    from model.default import default_gguf_path
+    from model.hub import looks_like_repo_id, resolve_repo
+
+    start = time.perf_counter()
+    kwargs = dict(device=device, dtype=dtype, max_seq_len=max_seq_len)
+    path = Path(source) if source is not None else default_gguf_path()
+    if path.is_file():
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError(f"{path} is not a GGUF file; pass a .gguf file, a model directory or a Hub repo id")
+        loaded = load_gguf(path, **kwargs)
+    elif path.is_dir():
+        loaded = load_directory(path, **kwargs)
+    elif looks_like_repo_id(str(source)):
+        loaded = load_directory(resolve_repo(str(source), revision=revision), **kwargs)
+    else:
+        raise ValueError(f"model {str(source)!r} is neither a file, a directory nor a Hugging Face repo id")
+    model, tokenizer, config = loaded
+    return LoadedModel(model, tokenizer, config, str(source if source is not None else path),
+                       time.perf_counter() - start)
