@@ -116,8 +116,11 @@ def load_gguf(path: Path, **kwargs) -> tuple[Llama, Tokenizer, ModelConfig]:
     from model.gguf import config_from_gguf, load_gguf_state_dict
     from model.tokenizer import Tokenizer
 
-    config = config_from_gguf(path)
-    tokenizer = Tokenizer.from_gguf(path)
+    from model.gguf_file import GGUFFile
+
+    header = GGUFFile(path)  # parsed once, for the config and the vocabulary
+    config = config_from_gguf(header)
+    tokenizer = Tokenizer.from_gguf(header.metadata)
     state = load_gguf_state_dict(path)
     model = build_model(config, state.items(), **kwargs)
     return model, tokenizer, config

@@ -1,0 +1,38 @@
+"""Engine limits and placement, checked once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None              # None: the embedded SmolLM2-135M-Instruct GGUF
+    device: str = "cpu"
+    dtype: str | None = None              # None: bfloat16 on CUDA, float32 on CPU
+    max_model_len: int = 2048             # prompt + output tokens of one sequence; the KV slot's length
+    max_num_seqs: int = 32                # sequences running at once; the number of KV slots
+    max_num_batched_tokens: int = 512     # tokens in one forward pass (decodes + prefill chunks)
+    max_waiting: int = 512                # sequences queued before new requests are refused
+    seed: int = 0                         # for requests that give no seed
+
+    def __post_init__(self):
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs, so every running "
+                             "sequence can decode in each step")
+        torch.device(self.device)  # raises on a malformed device string
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return DTYPES[self.dtype]
+        return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32

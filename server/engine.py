@@ -1,0 +1,192 @@
+"""The engine: `step()` is schedule → run → postprocess. `AsyncEngine` steps it on a thread of its own."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from model.loading import LoadedModel
+from model.tokenizer import Tokenizer
+from server.config import EngineConfig
+from server.output import OutputProcessor, RequestMetrics, RequestOutput, SequenceDelta, TokenLogprob
+from server.runner import ModelRunner
+from server.sampling_params import ParamError, SamplingParams
+from server.scheduler import ScheduledBatch, Scheduler
+from server.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLong(ParamError):
+    pass
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    slots_used: int
+    num_slots: int
+    tokens_in_cache: int
+    cache_capacity_tokens: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    seqs: list[Sequence]
+    processors: dict[int, OutputProcessor]
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+        self.config = config
+        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.model_config = loaded.config
+        self.max_model_len = min(config.max_model_len, loaded.model.max_seq_len)
+        self.runner = ModelRunner(loaded.model, config.max_num_seqs, self.max_model_len, config.device,
+                                  config.torch_dtype)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
+        self.requests: dict[str, _Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise ParamError("the prompt is empty", "prompt")
+        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
+            raise ParamError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", "prompt")
+        if any(not 0 <= t < self.model_config.vocab_size for t in params.logit_bias):
+            raise ParamError(f"logit_bias token ids must be in [0, {self.model_config.vocab_size})", "logit_bias")
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise PromptTooLong(f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
+                                f"has {len(prompt_ids)} tokens, leaving no room to generate", "prompt")
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        eos = self.tokenizer.eos_token_ids
+        seqs = [Sequence(request_id, i, list(prompt_ids), params, max_tokens, eos) for i in range(params.n)]
+        for child in seqs[1:]:
+            child.parent = seqs[0]
+        self.scheduler.add(seqs)  # raises EngineOverloaded when the queue is full
+        processors = {s.index: OutputProcessor(self.tokenizer, params, eos) for s in seqs}
+        self.requests[request_id] = _Request(request_id, list(prompt_ids), seqs, processors)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish("abort")
+            self.scheduler.free(seq)
+        return self._final_output(request, [])
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return []
+        try:
+            for seq in batch.admitted:
+                self.runner.start_sequence(seq)
+            samples = self.runner.execute(batch)
+        except Exception as e:  # the whole batch failed: fail its requests, keep serving others
+            log.exception("forward pass failed; failing %d request(s)", len(batch.chunks))
+            return [self._fail(rid, e) for rid in {c.seq.request_id for c in batch.chunks}]
+        return self._postprocess(batch, samples)
+
+    def _postprocess(self, batch: ScheduledBatch, samples) -> list[RequestOutput]:
+        outputs: dict[str, RequestOutput] = {}
+        now = time.monotonic()
+        sample_index = 0
+        for chunk in batch.chunks:
+            seq = chunk.seq
+            seq.num_computed += len(chunk.token_ids)
+            if chunk.start < seq.num_prompt:
+                self.prompt_tokens_total += min(seq.num_prompt, chunk.start + len(chunk.token_ids)) - chunk.start
+            if not chunk.samples:
+                continue
+            j, sample_index = sample_index, sample_index + 1
+            request = self.requests.get(seq.request_id)
+            if request is None or seq.finished:
+                continue
+            try:
+                delta = self._append_token(request, seq, samples, j, now)
+            except Exception as e:  # a failure in one request's output handling fails that request alone
+                log.exception("request %s failed", seq.request_id)
+                outputs[seq.request_id] = self._fail(seq.request_id, e)
+                continue
+            out = outputs.setdefault(seq.request_id, RequestOutput(seq.request_id, request.prompt_ids))
+            out.deltas.append(delta)
+            if seq.num_prompt and seq.prompt_logprobs is not None and len(seq.output_ids) == 1:
+                out.prompt_logprobs = seq.prompt_logprobs
+        for request_id, out in outputs.items():
+            request = self.requests.get(request_id)
+            if request is not None and all(s.finished for s in request.seqs):
+                del self.requests[request_id]
+                final = self._final_output(request, out.deltas)
+                final.prompt_logprobs = out.prompt_logprobs
+                outputs[request_id] = final
+        return list(outputs.values())
+
+    def _append_token(self, request: _Request, seq: Sequence, samples, j: int, now: float) -> SequenceDelta:
+        token = samples.token_ids[j]
+        seq.output_ids.append(token)
+        self.generation_tokens_total += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        logprobs = None
+        if seq.params.logprobs is not None:
+            top = list(zip(samples.top_token_ids[j], samples.top_logprobs[j]))
+            logprobs = [TokenLogprob(token, samples.logprobs[j], top)]
+        text, finish, stop = request.processors[seq.index].append(token, len(seq.output_ids), seq.max_tokens)
+        if finish is not None:
+            seq.finish(finish, stop)
+            self.scheduler.free(seq)
+        return SequenceDelta(seq.index, text, [token], logprobs, finish, stop)
+
+    def _fail(self, request_id: str, error: BaseException) -> RequestOutput:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return RequestOutput(request_id, [], finished=True, error=error)
+        for seq in request.seqs:
+            if not seq.finished:
+                seq.finish("error")
+                seq.error = error
+            self.scheduler.free(seq)
+        out = self._final_output(request, [])
+        out.error = error
+        return out
+
+    @staticmethod
+    def _final_output(request: _Request, deltas: list[SequenceDelta]) -> RequestOutput:
+        seqs = request.seqs
+        metrics = RequestMetrics(
+            arrival_time=min(s.arrival_time for s in seqs),
+            first_token_time=min((s.first_token_time for s in seqs if s.first_token_time), default=None),
+            finish_time=max((s.finish_time for s in seqs if s.finish_time), default=None),
+            num_prompt_tokens=len(request.prompt_ids),
+            num_generated_tokens=sum(len(s.output_ids) for s in seqs),
+        )
+        return RequestOutput(request.request_id, request.prompt_ids, deltas, finished=True, metrics=metrics)
+
+    def stats(self) -> EngineStats:
+        running = self.scheduler.running
+        return EngineStats(
+            running=len(running),
+            waiting=len(self.scheduler.waiting),
+            slots_used=self.scheduler.num_slots - self.scheduler.num_free_slots,
+            num_slots=self.scheduler.num_slots,
+            tokens_in_cache=sum(s.num_computed for s in running),
+            cache_capacity_tokens=self.scheduler.num_slots * self.max_model_len,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+        )

@@ -1,0 +1,76 @@
+"""Owns the model, the KV cache and the sampler; turns a scheduled batch into one forward pass and samples."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from model.batch import ForwardBatch, SequenceChunk
+from model.kv_cache import KVCache
+from model.llama import Llama
+from server.output import TokenLogprob
+from server.sampler import Sampler, SampleRow, SamplerOutput
+from server.scheduler import ScheduledBatch
+from server.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, num_slots: int, max_model_len: int, device: torch.device | str,
+                 dtype: torch.dtype):
+        self.model = model
+        self.device = torch.device(device)
+        self.cache = KVCache(model.config, num_slots, max_model_len, dtype=dtype, device=self.device)
+        self.sampler = Sampler(num_slots, model.config.vocab_size, self.device)
+        log.info("KV cache: %d slots x %d tokens, %.1f MiB", num_slots, max_model_len, self.cache.nbytes / 2**20)
+
+    def start_sequence(self, seq: Sequence) -> None:
+        seq.generator = self.sampler.start_sequence(seq.slot, seq.prompt_ids, seq.params, seq.index)
+
+    def fork_cache(self, src: int, dst: int, num_tokens: int) -> None:
+        self.cache.k[:, dst, :, :num_tokens] = self.cache.k[:, src, :, :num_tokens]
+        self.cache.v[:, dst, :, :num_tokens] = self.cache.v[:, src, :, :num_tokens]
+
+    def execute(self, batch: ScheduledBatch) -> SamplerOutput | None:
+        """Run the batch; return the samples of the chunks that end their sequence (in chunk order)."""
+        for src, dst, n in batch.copies:
+            self.fork_cache(src, dst, n)
+        chunks = [SequenceChunk(c.seq.slot, c.start, c.token_ids, all_logits=self._wants_prompt_logprobs(c))
+                  for c in batch.chunks]
+        logits = self.model(ForwardBatch.build(chunks, self.device), self.cache)  # [M, vocab]
+
+        sample_rows, rows, offset = [], [], 0
+        for scheduled, chunk in zip(batch.chunks, chunks):
+            n = len(chunk.token_ids) if chunk.all_logits else 1
+            if chunk.all_logits:
+                self._record_prompt_logprobs(scheduled.seq, chunk, logits[offset:offset + n])
+            if scheduled.samples:
+                seq = scheduled.seq
+                sample_rows.append(offset + n - 1)
+                rows.append(SampleRow(seq.slot, seq.params, seq.generator, len(seq.output_ids), seq.eos_token_ids))
+            offset += n
+        if not rows:
+            return None
+        index = torch.tensor(sample_rows, device=self.device)
+        return self.sampler.sample(logits.index_select(0, index), rows)
+
+    @staticmethod
+    def _wants_prompt_logprobs(chunk) -> bool:
+        return chunk.seq.params.prompt_logprobs is not None and chunk.start < chunk.seq.num_prompt
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, chunk: SequenceChunk, logits: torch.Tensor) -> None:
+        """Row i predicts the token after position start + i; keep those that are prompt tokens."""
+        k = seq.params.prompt_logprobs
+        targets = seq.prompt_ids[chunk.start + 1: chunk.end + 1]  # may be one short at the prompt's end
+        logprobs = torch.log_softmax(logits[: len(targets)], dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
+        top = logprobs.topk(k, dim=-1) if k else None
+        chosen = chosen.tolist()
+        top_ids, top_vals = (top.indices.tolist(), top.values.tolist()) if top else ([[]] * len(targets),) * 2
+        if chunk.start == 0:
+            seq.prompt_logprobs = [None]
+        for token, lp, ids, vals in zip(targets, chosen, top_ids, top_vals):
+            seq.prompt_logprobs.append(TokenLogprob(token, lp, list(zip(ids, vals))))

@@ -1,0 +1,66 @@
+"""One generated sequence: its tokens, its KV cache slot, its progress and why it ended."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from server.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request with n samples is n sequences; samples after the first fork from the first one's prompt."""
+
+    request_id: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int                      # already capped by what is left of the context
+    eos_token_ids: frozenset[int]
+    parent: Sequence | None = None       # the sample whose prompt KV this one copies
+    output_ids: list[int] = field(default_factory=list)
+    slot: int | None = None
+    num_computed: int = 0                # tokens whose K/V are in the cache
+    status: Status = Status.WAITING
+    finish_reason: str | None = None     # "stop", "length", "abort", "error"
+    stop_reason: str | int | None = None # the stop string or stop token that ended it
+    error: BaseException | None = None
+    generator: torch.Generator | None = None
+    prompt_logprobs: list | None = None  # filled while prefilling when params.prompt_logprobs is set
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def uncomputed(self) -> list[int]:
+        """Tokens not yet in the cache: the rest of the prompt, or the last sampled token."""
+        if self.num_computed < self.num_prompt:
+            return self.prompt_ids[self.num_computed:] + self.output_ids
+        return self.output_ids[self.num_computed - self.num_prompt:]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.finish_time = time.monotonic()
