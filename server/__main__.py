@@ -1,0 +1,106 @@
+"""`python -m server`: a config preset and flags → the engine → uvicorn.
+
+Flags override the preset given with --config; the preset overrides the built-in defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from server.config import EngineConfig
+
+log = logging.getLogger("server")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+API_KEY_ENV = "LLAMA3_SERVER_API_KEY"
+
+SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "served_model_name": None, "api_key": None,
+                   "log_level": "info", "shutdown_grace_seconds": 30.0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server", description="OpenAI-compatible server for Llama 3 models")
+    p.add_argument("--config", help="a YAML preset (e.g. configs/smollm2-cpu.yaml); flags override it")
+    p.add_argument("--model", help="a .gguf file, a Hugging Face model directory or a Hub repo id "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--served-model-name", help="the model id clients use (default: derived from --model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights and KV cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--max-model-len", type=int, help="tokens per sequence, prompt and output (default 2048)")
+    p.add_argument("--max-num-seqs", type=int, help="sequences decoding at once = KV cache slots (default 32)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="tokens per forward pass (default 512)")
+    p.add_argument("--max-waiting", type=int, help="queued sequences before requests get 503 (default 512)")
+    p.add_argument("--seed", type=int, help="seed for requests that give none (default 0)")
+    p.add_argument("--api-key", help=f"require this bearer key on /v1 and token routes (or set {API_KEY_ENV})")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(default info)")
+    p.add_argument("--shutdown-grace-seconds", type=float,
+                   help="on SIGTERM, how long running requests may take to finish (default 30)")
+    return p
+
+
+def resolve_settings(argv: list[str] | None = None) -> tuple[EngineConfig, dict]:
+    args = build_parser().parse_args(argv)
+    preset: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise SystemExit(f"config file {path} does not exist")
+        preset = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(preset, dict):
+            raise SystemExit(f"config file {path} must be a mapping of option names to values")
+        preset = {k.replace("-", "_"): v for k, v in preset.items()}
+    flags = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    merged = {**preset, **flags}
+    engine_keys = {f.name for f in fields(EngineConfig)}
+    unknown = set(merged) - engine_keys - set(SERVER_DEFAULTS)
+    if unknown:
+        raise SystemExit(f"unknown option(s) in {args.config}: {', '.join(sorted(unknown))}")
+    engine = EngineConfig(**{k: v for k, v in merged.items() if k in engine_keys})
+    server = {k: merged.get(k, default) for k, default in SERVER_DEFAULTS.items()}
+    server["api_key"] = server["api_key"] or os.environ.get(API_KEY_ENV) or None
+    if server["served_model_name"] is None:
+        server["served_model_name"] = engine.model.rstrip("/") if engine.model else DEFAULT_MODEL_NAME
+    return engine, server
+
+
+def build_engine(config: EngineConfig):
+    import torch
+
+    from model.loading import load
+    from server.async_engine import AsyncEngine
+    from server.engine import LLMEngine
+
+    torch.manual_seed(config.seed)
+    loaded = load(config.model, device=config.device, dtype=config.torch_dtype, max_seq_len=config.max_model_len)
+    log.info("loaded %s (%.0fM parameters, %s on %s) in %.2f s", loaded.source, loaded.config.num_params / 1e6,
+             config.torch_dtype, config.device, loaded.load_seconds)
+    engine = LLMEngine(loaded, config)
+    log.info("KV cache: %d slots x %d tokens = %.1f MiB", config.max_num_seqs, engine.max_model_len,
+             engine.runner.cache.nbytes / 2**20)
+    return AsyncEngine(engine)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from server.api import ServerState, create_app
+
+    engine_config, server = resolve_settings(argv)
+    logging.basicConfig(level=server["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = ServerState(server["served_model_name"], api_key=server["api_key"])
+    app = create_app(state, lambda: build_engine(engine_config))
+    log.info("serving %s on http://%s:%d", server["served_model_name"], server["host"], server["port"])
+    uvicorn.run(app, host=server["host"], port=server["port"], log_level=server["log_level"],
+                timeout_graceful_shutdown=server["shutdown_grace_seconds"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The FastAPI app: routes, OpenAI-shaped errors, API-key auth, body limits, readiness and metrics."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import __version__
+from server.async_engine import AsyncEngine
+from server.errors import APIError, to_api_error
+from server.metrics import Metrics
+from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
+                             TokenizeRequest, now)
+from server.serving_chat import ChatServing
+from server.serving_completions import CompletionServing
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 8 * 2**20
+
+
+@dataclass
+class ServerState:
+    served_model_name: str
+    api_key: str | None = None
+    engine: AsyncEngine | None = None
+    completions: CompletionServing | None = None
+    chat: ChatServing | None = None
+    metrics: Metrics | None = None
+    load_error: str | None = None
+    created: int = field(default_factory=now)
+
+    def __post_init__(self):
+        self.metrics = Metrics(self.served_model_name, lambda: self.engine.stats() if self.engine else None)
+        if self.engine is not None:
+            self.set_engine(self.engine)
+
+    def set_engine(self, engine: AsyncEngine) -> None:
+        max_len = engine.engine.max_model_len
+        self.completions = CompletionServing(engine, self.served_model_name, max_len, self.metrics)
+        self.chat = ChatServing(engine, self.served_model_name, max_len, self.metrics)
+        self.engine = engine
+
+    def ready(self) -> AsyncEngine:
+        if self.engine is None:
+            reason = f"loading the model failed: {self.load_error}" if self.load_error else "the model is loading"
+            raise APIError(503, reason, type="server_error", code="not_ready")
+        return self.engine
+
+
+def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None = None) -> FastAPI:
+    """`load_engine`, if given, runs on a thread at start-up: the server answers /health with 503 meanwhile."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if load_engine is not None and state.engine is None:
+            def loader():
+                try:
+                    state.set_engine(load_engine())
+                    log.info("model loaded; ready")
+                except Exception as e:
+                    log.exception("loading the model failed")
+                    state.load_error = f"{type(e).__name__}: {e}"
+            threading.Thread(target=loader, name="model-loader", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="llama3-server", version=__version__, lifespan=lifespan)
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def api_error(_, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        elif param:
+            message = f"{param}: {message}"
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, exc: Exception):
+        log.exception("unhandled error")
+        return to_api_error(exc).response()
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes").response()
+        return await call_next(request)
+
+    def authorize(request: Request) -> None:
+        if state.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), state.api_key.encode()):
+            raise APIError(401, "invalid or missing API key", type="authentication_error", code="invalid_api_key")
+
+    async def run(call):
+        try:
+            return await call
+        except APIError:
+            raise
+        except Exception as e:  # engine refusals and parameter errors become OpenAI errors
+            raise to_api_error(e) from None
+
+    @app.get("/health")
+    async def health():
+        state.ready()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def card() -> ModelCard:
+        max_len = state.engine.engine.max_model_len if state.engine else None
+        return ModelCard(id=state.served_model_name, created=state.created, max_model_len=max_len)
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def list_models():
+        return ModelList(data=[card()]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    async def get_model(model_id: str):
+        if model_id != state.served_model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        return card().model_dump()
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, raw: Request):
+        state.ready()
+        return await run(state.completions.create(body, raw))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        state.ready()
+        return await run(state.chat.create(body, raw))
+
+    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    async def tokenize(body: TokenizeRequest):
+        state.ready()
+        state.completions.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        tokenizer = state.completions.tokenizer
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            ids = state.chat.prompt_ids(messages, body.add_generation_prompt)
+        elif body.add_special_tokens:
+            ids = tokenizer.encode_prompt(body.prompt)
+        else:
+            ids = tokenizer.encode(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.engine.max_model_len}
+
+    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    async def detokenize(body: DetokenizeRequest):
+        state.ready()
+        state.completions.check_model(body.model)
+        tokenizer = state.completions.tokenizer
+        if any(not 0 <= t < tokenizer.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {tokenizer.vocab_size})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    return app

@@ -1,0 +1,152 @@
+"""What both OpenAI endpoints share: model check, prompt checks, running prompts through the engine,
+merging their streams, server-sent events, metrics and the per-request log line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from server.async_engine import AsyncEngine
+from server.errors import APIError, to_api_error
+from server.metrics import Metrics
+from server.output import RequestOutput, TokenLogprob
+from server.sampling_params import SamplingParams
+
+log = logging.getLogger("server.requests")
+_DONE = object()
+
+
+@dataclass
+class Choice:
+    """One choice accumulated from deltas: what a non-streaming response returns."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+def sse(payload) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class Serving:
+    def __init__(self, engine: AsyncEngine, served_model_name: str, max_model_len: int, metrics: Metrics):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = served_model_name
+        self.max_model_len = max_model_len
+        self.metrics = metrics
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def check_prompt(self, ids: list[int], param: str = "prompt") -> None:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        vocab = self.tokenizer.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param=param)
+        if len(ids) >= self.max_model_len:
+            raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
+                           f"has {len(ids)} tokens, leaving no room to generate", param=param,
+                           code="context_length_exceeded")
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    async def run(self, prompts: list[list[int]], params: SamplingParams,
+                  request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """All prompts' outputs as (prompt index, output), interleaved as they come; closing it aborts them all."""
+        streams = [self.engine.generate(ids, params, f"{request_id}-{i}") for i, ids in enumerate(prompts)]
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((i, out))
+            except Exception as e:
+                await queue.put((i, e))
+            finally:
+                await queue.put((i, _DONE))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is _DONE:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    self.metrics.observe(item)
+                    if item.finished:
+                        self._log(item)
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def collect(self, raw: Request, stream: AsyncIterator[tuple[int, RequestOutput]],
+                      n: int) -> tuple[dict[int, Choice], dict[int, RequestOutput]]:
+        """Drain the stream for a non-streaming response; a client that goes away aborts the requests."""
+        choices: dict[int, Choice] = {}
+        finals: dict[int, RequestOutput] = {}
+
+        async def drain():
+            async for i, out in stream:
+                for d in out.deltas:
+                    c = choices.setdefault(i * n + d.index, Choice())
+                    c.text += d.text
+                    c.token_ids += d.token_ids
+                    c.logprobs += d.logprobs or []
+                    if d.finish_reason:
+                        c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+                if out.finished:
+                    finals[i] = out
+                if out.prompt_logprobs is not None:
+                    finals.setdefault(-1 - i, out)  # keep the output that carried prompt logprobs
+
+        task = asyncio.create_task(drain())
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await raw.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise asyncio.CancelledError("client disconnected")
+        task.result()
+        return choices, finals
+
+    async def first_then_rest(self, stream: AsyncIterator) -> AsyncIterator:
+        """Wait for the first output before answering, so refusals (overload, bad prompt) get a real status."""
+        first = await anext(stream)
+
+        async def chained():
+            yield first
+            async for item in stream:
+                yield item
+        return chained()
+
+    @staticmethod
+    def error_event(error: BaseException) -> str:
+        return sse(to_api_error(error).body())
+
+    def _log(self, out: RequestOutput) -> None:
+        m = out.metrics
+        if m is None:
+            return
+        ttft = m.time_to_first_token
+        log.info("request %s: prompt %d tokens, completion %d tokens, ttft %s, e2e %s",
+                 out.request_id, m.num_prompt_tokens, m.num_generated_tokens,
+                 "-" if ttft is None else f"{ttft:.3f}s", "-" if m.e2e_latency is None else f"{m.e2e_latency:.3f}s")
