@@ -26,7 +26,7 @@ class KVCache:
         # touch them; zeroing it would cost seconds and the whole buffer in resident memory. Smaller buffers may
         # reuse freed memory, and GPU memory can hold anything: those are zeroed.
         elem = torch.empty((), dtype=dtype).element_size()
-        large = 2 * elem * torch.Size(shape).numel() >= 2 * 64 * 2**20
+        large = elem * torch.Size(shape).numel() >= 64 * 2**20
         alloc = torch.empty if torch.device(device).type == "cpu" and large else torch.zeros
         self.k = alloc(shape, dtype=dtype, device=device)
         self.v = alloc(shape, dtype=dtype, device=device)
