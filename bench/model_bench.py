@@ -73,7 +73,6 @@ def main() -> None:
 
             seconds = timed(decode, args.repeats)
             rows.append((dtype_name, f"decode batch {batch}", batch * args.steps / seconds))
-        del model, cache, loaded
 
     print(f"\n{'dtype':<10} {'workload':<18} {'tokens/s':>10}")
     for dtype_name, workload, rate in rows:

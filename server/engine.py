@@ -13,7 +13,7 @@ from server.output import OutputProcessor, RequestMetrics, RequestOutput, Sequen
 from server.runner import ModelRunner
 from server.sampling_params import ParamError, SamplingParams
 from server.scheduler import ScheduledBatch, Scheduler
-from server.sequence import Sequence, Status
+from server.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
