@@ -57,8 +57,12 @@ class Attention(nn.Module):
         B = batch.num_decode
         if B:
             L = batch.decode_len
-            keys = k_cache[batch.decode_slots, :, :L]  # [B, Hkv, L, D]
-            values = v_cache[batch.decode_slots, :, :L]
+            if batch.decode_slot_range is not None:  # a view of consecutive slots
+                first, end = batch.decode_slot_range
+                keys, values = k_cache[first:end, :, :L], v_cache[first:end, :, :L]  # [B, Hkv, L, D]
+            else:  # a gather: copies the live prefix of each slot
+                keys = k_cache[batch.decode_slots, :, :L]  # [B, Hkv, L, D]
+                values = v_cache[batch.decode_slots, :, :L]
             out[:B] = attend(q[:B].unsqueeze(2), keys, values, batch.decode_mask).squeeze(2)
         for span in batch.prefills:
             keys = k_cache[span.slot, :, : span.context_len].unsqueeze(0)  # [1, Hkv, L, D], a view

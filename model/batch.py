@@ -43,6 +43,7 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [M] rows whose logits the forward returns
     num_decode: int               # leading rows that form the decode group
     decode_slots: torch.Tensor    # [num_decode] int64
+    decode_slot_range: tuple[int, int] | None  # (first, end) when those slots are consecutive: read a view, no gather
     decode_mask: torch.Tensor     # [num_decode, 1, 1, decode_len] bool
     decode_len: int               # longest context in the decode group
     max_position: int             # known on the host, so bounds are checked without a device sync
@@ -80,6 +81,9 @@ class ForwardBatch:
                 prefills.append(PrefillSpan(slice(row, row + n), c.slot, c.end, mask))
 
         decode = chunks[:num_decode]
+        decode_slot_list = [c.slot for c in decode]
+        consecutive = decode_slot_list == list(range(decode_slot_list[0], decode_slot_list[0] + num_decode)) \
+            if decode else False
         decode_len = max((c.end for c in decode), default=0)
         ctx = torch.tensor([c.end for c in decode], dtype=torch.long, device=device)
         decode_mask = torch.arange(decode_len, device=device)[None, :] < ctx[:, None]  # [B, L]
@@ -93,7 +97,8 @@ class ForwardBatch:
             slot_ids=as_tensor(slots),
             logits_indices=as_tensor(logits_rows),
             num_decode=num_decode,
-            decode_slots=as_tensor([c.slot for c in decode]),
+            decode_slots=as_tensor(decode_slot_list),
+            decode_slot_range=(decode_slot_list[0], decode_slot_list[0] + num_decode) if consecutive else None,
             decode_mask=decode_mask[:, None, None, :],
             decode_len=decode_len,
             max_position=max(c.end for c in chunks) - 1,

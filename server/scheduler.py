@@ -7,6 +7,7 @@ preempted, so new arrivals cannot starve it.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, num_slots: int, max_num_batched_tokens: int, max_waiting: int):
-        self.free_slots = deque(range(num_slots))
+        self.free_slots = list(range(num_slots))  # a min-heap: the lowest free slot is reused first
         self.num_slots = num_slots
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
@@ -73,7 +74,7 @@ class Scheduler:
                 elif seq.parent.num_computed < seq.num_prompt - 1:
                     break  # first come, first served: wait behind the parent's prefill
             self.waiting.popleft()
-            seq.slot = self.free_slots.popleft()
+            seq.slot = heapq.heappop(self.free_slots)
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.admitted.append(seq)
@@ -85,7 +86,9 @@ class Scheduler:
             tokens = seq.uncomputed()[:budget]
             batch.chunks.append(self._chunk(seq, tokens))
             budget -= len(tokens)
-        batch.chunks.sort(key=lambda c: len(c.token_ids) > 1)  # stable: single-token chunks first
+        # Single-token chunks first (the model's decode group), in slot order: the lowest free slot is always
+        # taken, so running sequences tend to hold consecutive slots, which attention reads without a gather.
+        batch.chunks.sort(key=lambda c: (len(c.token_ids) > 1, c.seq.slot))
         return batch
 
     @staticmethod
@@ -99,7 +102,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         if seq.slot is not None:
-            self.free_slots.append(seq.slot)
+            heapq.heappush(self.free_slots, seq.slot)
             seq.slot = None
 
     @property
