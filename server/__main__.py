@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from dataclasses import fields
 from pathlib import Path
 
@@ -98,8 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     state = ServerState(server["served_model_name"], api_key=server["api_key"])
     app = create_app(state, lambda: build_engine(engine_config))
     log.info("serving %s on http://%s:%d", server["served_model_name"], server["host"], server["port"])
+    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found; Python's default would
+    # kill the process with it. A finished graceful shutdown is a clean exit.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(app, host=server["host"], port=server["port"], log_level=server["log_level"],
                 timeout_graceful_shutdown=server["shutdown_grace_seconds"])
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

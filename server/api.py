@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import threading
@@ -57,6 +58,36 @@ class ServerState:
         return self.engine
 
 
+class BodyLimit:
+    """413 for a request body over `max_bytes`, whether its Content-Length says so or it arrives in chunks.
+
+    Plain ASGI on purpose: Starlette's `@app.middleware("http")` hides a client's disconnect from
+    `Request.is_disconnected()`, so an abandoned non-streaming request would run to its end.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body is larger than {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await APIError(413, message).response()(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            event = await receive()
+            received += len(event.get("body", b""))
+            if received > self.max_bytes:
+                raise StarletteHTTPException(413, message)  # FastAPI passes it on from reading the body
+            return event
+
+        await self.app(scope, limited_receive, send)
+
+
 def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None = None) -> FastAPI:
     """`load_engine`, if given, runs on a thread at start-up: the server answers /health with 503 meanwhile."""
 
@@ -86,7 +117,13 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
     async def validation_error(_, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # A value that fits no member of a union fails once per member, each location ending in the member's
+        # type ("prompt.str", "prompt.list[int].1"); the field is what those locations have in common.
+        locs = [[str(p) for p in e.get("loc", ()) if p != "body"] for e in errors] or [[]]
+        loc = locs[0]
+        for other in locs[1:]:
+            if other[:1] == loc[:1]:
+                loc = [a for a, _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(loc, other))]
         param = ".".join(loc) or None
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
@@ -105,12 +142,7 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
         log.exception("unhandled error")
         return to_api_error(exc).response()
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes").response()
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
     def authorize(request: Request) -> None:
         if state.api_key is None:

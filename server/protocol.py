@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.sampling_params import ParamError, SamplingParams
+from server.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams
 
 
 class Strict(BaseModel):
@@ -127,6 +127,11 @@ class ChatCompletionRequest(SamplingFields):
             raise ParamError("tools are not supported", "tools")
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs requires logprobs to be true", "top_logprobs")
+        # SamplingParams checks these too, but would name its own fields rather than the ones the client sent.
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise ParamError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}", "top_logprobs")
+        if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
+            raise ParamError("max_completion_tokens must be at least 1", "max_completion_tokens")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs)
