@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found; Python's default would
     # kill the process with it. A finished graceful shutdown is a clean exit.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(app, host=server["host"], port=server["port"], log_level=server["log_level"],
-                timeout_graceful_shutdown=server["shutdown_grace_seconds"])
+    try:
+        uvicorn.run(app, host=server["host"], port=server["port"], log_level=server["log_level"],
+                    timeout_graceful_shutdown=server["shutdown_grace_seconds"])
+    except KeyboardInterrupt:  # Ctrl-C after uvicorn's own graceful shutdown: nothing left to report
+        pass
 
 
 def _exit_cleanly(signum, frame) -> None:
