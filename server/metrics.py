@@ -72,3 +72,6 @@ class Metrics:
                                  (self.e2e, m.e2e_latency)):
             if value is not None:
                 histogram.labels(self.model_name).observe(value)
+
+    def observe_aborted(self, num_sequences: int) -> None:
+        self.finished.labels(self.model_name, "abort").inc(num_sequences)

@@ -80,6 +80,7 @@ class Serving:
                 await queue.put((i, _DONE))
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        finished: set[int] = set()
         try:
             remaining = len(tasks)
             while remaining:
@@ -91,9 +92,12 @@ class Serving:
                 else:
                     self.metrics.observe(item)
                     if item.finished:
+                        finished.add(i)
                         self._log(item)
                     yield i, item
         finally:
+            if len(finished) < len(prompts):  # the client left or an error ended the rest: count them as aborted
+                self.metrics.observe_aborted((len(prompts) - len(finished)) * params.n)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
