@@ -1,0 +1,383 @@
+"""The Python half of bench/gpu_check.sh: one pass over what a GPU run should tell us, on random-weight models.
+
+    python bench/gpu_check.py [--device cuda] [--quick] [--out DIR]
+
+Sections: the device; which SDPA kernels the model's attention runs; greedy parity of the device in bf16 against
+CPU float32 on a tiny model; decode tokens/s at several batch sizes and prefill tokens/s for a Llama 3.2 1B-shaped
+model, with batch 1 set against the memory-bandwidth limit measured by a device-to-device copy; and the benchmark
+client against the server serving that model from a temporary Hugging Face directory. `--quick` shrinks every size
+so the whole pass runs on a CPU in well under a minute. A failing section is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.batch import ForwardBatch, SequenceChunk  # noqa: E402
+from model.chat_template import LLAMA3_CHAT_TEMPLATE  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.default import llama3_tokenizer_path  # noqa: E402
+from model.kv_cache import KVCache  # noqa: E402
+from model.llama import Llama  # noqa: E402
+from model.loading import build_model  # noqa: E402
+
+TINY = dict(vocab_size=128_256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, max_position_embeddings=4096, tie_word_embeddings=False)
+ATTENTION_KERNEL_HINTS = ("scaled_dot_product", "flash", "fmha", "efficient_attention", "sdpa", "cudnn")
+FULL = dict(batches=(1, 16, 64), context=512, steps=32, prefill=2048, copy_mib=2048, parity_steps=16,
+            levels="1,16,64", prompts="8,64,192", input_len=256, output_len=128, server_wait=240)
+QUICK = dict(batches=(1, 4), context=32, steps=4, prefill=128, copy_mib=128, parity_steps=16,
+             levels="1,4", prompts="2,6", input_len=32, output_len=8, server_wait=120)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int = 3) -> float:
+    """Median seconds of `repeats` runs after one warm-up."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_state(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """Weights that keep activations in range: N(0, 1/fan_in) matrices, unit norms, N(0, 1) embeddings."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Llama(config).named_parameters()}
+    state = {}
+    for name, shape in shapes.items():
+        if "norm" in name:
+            state[name] = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            std = 1.0 if "embed_tokens" in name else shape[-1] ** -0.5
+            state[name] = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
+    return state
+
+
+def section_device(ctx: dict) -> dict:
+    device = ctx["device"]
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device),
+            "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
+                    memory_gib=round(props.total_memory / 2**30, 1), multiprocessors=props.multi_processor_count)
+    return info
+
+
+def section_sdpa(ctx: dict) -> dict:
+    """Which SDPA backends are enabled, which accept our two call shapes, and which kernels the model runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    device, dtype, shape = ctx["device"], ctx["dtype"], ctx["bench_config"]
+    enabled = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled", lambda: None)()
+               for name in ("flash", "mem_efficient", "math", "cudnn")}
+    H, Hkv, D, L = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim, 512
+    q_dec = torch.randn(16, H, 1, D, device=device, dtype=dtype)  # decode group: one query per sequence, a mask
+    kv = torch.randn(16, Hkv, L, D, device=device, dtype=dtype)
+    mask = torch.ones(16, 1, 1, L, dtype=torch.bool, device=device)
+    q_pre = torch.randn(1, H, L, D, device=device, dtype=dtype)  # prefill: causal, no mask
+    sdpa = F.scaled_dot_product_attention
+    calls = {"decode (bool mask)": lambda: sdpa(q_dec, kv, kv, attn_mask=mask, enable_gqa=True),
+             "prefill (causal)": lambda: sdpa(q_pre, kv[:1], kv[:1], is_causal=True, enable_gqa=True)}
+    trials = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.MATH):
+        for call_name, call in calls.items():
+            try:
+                with sdpa_kernel(backend):
+                    call()
+                sync(device)
+                trials[f"{backend.name} / {call_name}"] = "ok"
+            except Exception as e:  # a backend that cannot take this call says why
+                trials[f"{backend.name} / {call_name}"] = str(e).strip().splitlines()[0][:100]
+    # One layer with the benchmark model's attention shape: the kernels its attention gets, cheaply.
+    one = ModelConfig(vocab_size=1024, hidden_size=shape.hidden_size, num_hidden_layers=1, num_attention_heads=H,
+                      num_key_value_heads=Hkv, head_dim=D, intermediate_size=256, name="one-layer")
+    model = build_model(one, random_state(one, device, dtype, seed=3).items(), device=device, dtype=dtype)
+    cache = KVCache(one, 2, 64, dtype=dtype, device=device)
+    batches = {"prefill": ForwardBatch.build([SequenceChunk(0, 0, list(range(1, 33)))], device),
+               "decode": ForwardBatch.build([SequenceChunk(0, 32, [5]), SequenceChunk(1, 10, [6])], device)}
+    model(batches["prefill"], cache)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    used = {}
+    for name, batch in batches.items():
+        with torch.profiler.profile(activities=activities) as prof:
+            model(batch, cache)
+            sync(device)
+        names = {e.key for e in prof.key_averages()}
+        used[name] = sorted(n[:120] for n in names if any(k in n.lower() for k in ATTENTION_KERNEL_HINTS))
+    return {"enabled": enabled, "trials": trials, "model_kernels": used}
+
+
+def greedy(model, prompt: list[int], steps: int, device: torch.device, forced: list[int] | None = None):
+    """Greedy tokens and per-step logits; with `forced`, feed those tokens instead of its own (teacher forcing)."""
+    cache = KVCache(model.config, 1, len(prompt) + steps + 1, dtype=next(model.parameters()).dtype, device=device)
+    chunk = SequenceChunk(0, 0, prompt)
+    tokens, all_logits = [], []
+    for i in range(steps):
+        logits = model(ForwardBatch.build([chunk], device), cache)[-1].float().cpu()
+        all_logits.append(logits)
+        tokens.append(int(logits.argmax()))
+        chunk = SequenceChunk(0, len(prompt) + i, [forced[i] if forced is not None else tokens[-1]])
+    return tokens, all_logits
+
+
+def section_parity(ctx: dict) -> dict:
+    """The device in bf16 against CPU float32, same weights: greedy tokens, and at any disagreement the
+    reference's margin between its top two logits (a near-tie is a rounding call, not a bug)."""
+    from model.tokenizer import Tokenizer
+
+    device, steps = ctx["device"], ctx["sizes"]["parity_steps"]
+    config = ModelConfig(**TINY, name="tiny-parity")
+    state = random_state(config, torch.device("cpu"), torch.float32, seed=1)
+    reference = build_model(config, state.items(), device="cpu", dtype=torch.float32)
+    candidate = build_model(config, state.items(), device=device, dtype=torch.bfloat16)
+    prompt = Tokenizer.from_tiktoken_file(llama3_tokenizer_path()).encode_prompt("The capital of France is")
+    ref_tokens, ref_logits = greedy(reference, prompt, steps, torch.device("cpu"))
+    free_tokens, _ = greedy(candidate, prompt, steps, device)
+    forced_tokens, dev_logits = greedy(candidate, prompt, steps, device, forced=ref_tokens)
+    errors = [float((a - b).abs().max()) for a, b in zip(ref_logits, dev_logits)]
+    disagreements = []
+    for i, (r, c) in enumerate(zip(ref_tokens, forced_tokens)):
+        if r != c:
+            top2 = ref_logits[i].topk(2).values
+            disagreements.append({"step": i, "reference_margin": float(top2[0] - top2[1]),
+                                  "max_logit_error": errors[i]})
+    agree = next((i for i, (a, b) in enumerate(zip(ref_tokens, free_tokens)) if a != b), steps)
+    near_ties = all(d["reference_margin"] <= 2 * d["max_logit_error"] for d in disagreements)
+    return {"steps": steps, "greedy_steps_agreeing": agree, "passed": agree == steps or near_ties,
+            "teacher_forced_disagreements": disagreements, "max_abs_logit_error": max(errors),
+            "logit_std": float(torch.stack(ref_logits).std()), "reference_tokens": ref_tokens,
+            "device_tokens": free_tokens}
+
+
+def model_speed(model: Llama, sizes: dict, device: torch.device, dtype: torch.dtype) -> tuple[dict, float]:
+    """Decode tokens/s per batch size over a filled context, and prefill tokens/s of one long prompt."""
+    batches, context, steps = sizes["batches"], sizes["context"], sizes["steps"]
+    cache = KVCache(model.config, max(batches), max(context + steps + 8, sizes["prefill"] + 1), dtype=dtype,
+                    device=device)
+    gen = torch.Generator().manual_seed(0)
+    for slot in range(max(batches)):  # fill every slot's context once, as serving would have
+        ids = torch.randint(0, 128_000, (context,), generator=gen).tolist()
+        model(ForwardBatch.build([SequenceChunk(slot, 0, ids)], device), cache)
+    decode = {}
+    for b in batches:  # slots 0..b-1: consecutive, as the scheduler hands them out when the batch is full
+        step_batches = [ForwardBatch.build([SequenceChunk(s, context + i, [7 + s]) for s in range(b)], device)
+                        for i in range(steps)]
+
+        def run():
+            for batch in step_batches:
+                model(batch, cache)
+        decode[b] = b * steps / timed(run, device)
+    prompt = torch.randint(0, 128_000, (sizes["prefill"],), generator=gen).tolist()
+    prefill_batch = ForwardBatch.build([SequenceChunk(0, 0, prompt)], device)
+    return decode, sizes["prefill"] / timed(lambda: model(prefill_batch, cache), device)
+
+
+def copy_bandwidth(device: torch.device, mib: int) -> float:
+    """Bytes/s of a large device-to-device copy, counting the read and the write."""
+    src = torch.ones(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: [dst.copy_(src) for _ in range(5)], device) / 5
+    return 2 * src.numel() / seconds
+
+
+def section_throughput(ctx: dict) -> dict:
+    device, dtype, sizes, config = ctx["device"], ctx["dtype"], ctx["sizes"], ctx["bench_config"]
+    model = build_model(config, random_state(config, device, dtype, seed=2).items(), device=device, dtype=dtype)
+    ctx["bench_model"] = model
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied head counts once
+    decode, prefill = model_speed(model, sizes, device, dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    bandwidth = copy_bandwidth(device, sizes["copy_mib"])
+    batch1 = decode[sizes["batches"][0]]
+    return {"model": config.name, "params_m": round(config.num_params / 1e6, 1), "dtype": str(dtype),
+            "weight_gib": round(weight_bytes / 2**30, 3), "context_tokens": sizes["context"],
+            "decode_tokens_per_s": {str(b): round(v, 1) for b, v in decode.items()},
+            "prefill_tokens": sizes["prefill"], "prefill_tokens_per_s": round(prefill, 1),
+            "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+            "batch1_ms_per_step": round(1000 / batch1, 2),
+            "batch1_fraction_of_bandwidth_limit": round(weight_bytes * batch1 / bandwidth, 4)}
+
+
+def save_hf_directory(model: Llama, directory: Path) -> None:
+    """config.json, model.safetensors and Meta's Llama 3 tokenizer with a chat template: what `--model DIR` loads."""
+    from safetensors.torch import save_file
+
+    config = model.config
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({**config.to_hf_config(), "torch_dtype": "bfloat16"}))
+    shutil.copy(llama3_tokenizer_path(), directory / "tokenizer.model")
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "add_bos_token": True,
+         "chat_template": LLAMA3_CHAT_TEMPLATE}))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009]}))
+
+
+def section_server(ctx: dict) -> dict:
+    import httpx
+
+    device, sizes, out = ctx["device"], ctx["sizes"], ctx["out"]
+    with tempfile.TemporaryDirectory(prefix="gpu-check-model-") as tmp:
+        model = ctx.pop("bench_model", None)
+        if model is None:  # the throughput section failed before building it
+            config = ctx["bench_config"]
+            model = build_model(config, random_state(config, device, ctx["dtype"], seed=2).items(), device=device,
+                                dtype=ctx["dtype"])
+        save_hf_directory(model, Path(tmp))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        batch = max(int(c) for c in sizes["levels"].split(","))
+        server_cmd = [sys.executable, "-m", "server", "--model", tmp, "--device", str(device), "--dtype", "bfloat16",
+                      "--port", str(port), "--served-model-name", "random-" + ctx["bench_config"].name,
+                      "--max-model-len", "1024", "--max-num-seqs", str(batch), "--max-num-batched-tokens", "4096",
+                      "--log-level", "warning"]
+        log_path = out / "server.log"
+        with open(log_path, "w") as log:
+            server = subprocess.Popen(server_cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            try:
+                deadline = time.monotonic() + sizes["server_wait"]
+                while True:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        tail = log_path.read_text()[-3000:]
+                        raise RuntimeError(f"the server did not become healthy; its log ends:\n{tail}")
+                    try:
+                        if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(0.5)
+                bench_cmd = [sys.executable, "-m", "server.bench", "--base-url", url, "--sweep-concurrency",
+                             sizes["levels"], "--num-prompts", sizes["prompts"], "--input-len", str(sizes["input_len"]),
+                             "--output-len", str(sizes["output_len"]), "--warmup", "2", "--no-progress",
+                             "--json", str(out / "bench.json")]
+                print("$", " ".join(bench_cmd[1:]), flush=True)
+                left = max(30.0, ctx["deadline"] - time.monotonic())
+                done = subprocess.run(bench_cmd, cwd=ROOT, capture_output=True, text=True, timeout=left)
+                print(done.stdout[-6000:], done.stderr[-2000:], sep="\n", flush=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"the benchmark exited with {done.returncode}")
+            finally:
+                server.terminate()
+                try:
+                    server.wait(30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+    report = json.loads((out / "bench.json").read_text())
+    return {run["max_concurrency"]: {k: run["summary"][k] for k in ("completed", "failed", "output_token_throughput")}
+            | {"ttft_p50_ms": run["summary"]["ttft_ms"]["median"], "tpot_p50_ms": run["summary"]["tpot_ms"]["median"]}
+            for run in report["runs"]}
+
+
+def summary_lines(r: dict) -> list[str]:
+    """The figures that matter, one line each."""
+    lines = []
+    if "device" in r:
+        d = r["device"]
+        lines.append(f"device: {d.get('name', d['device'])} (capability {d.get('capability', '-')}), "
+                     f"torch {d['torch']}, CUDA {d['cuda']}")
+    if "sdpa" in r:
+        k = r["sdpa"]["model_kernels"]
+        generic = "aten::scaled_dot_product_attention"  # the dispatcher; the others are what it chose
+        lines.append(f"SDPA in the model: decode -> {[n for n in k['decode'] if n != generic]}; "
+                     f"prefill -> {[n for n in k['prefill'] if n != generic]}")
+    if "parity" in r:
+        p = r["parity"]
+        lines.append(f"parity bf16 vs CPU float32: greedy tokens agree for {p['greedy_steps_agreeing']}/{p['steps']} "
+                     f"steps, max |logit error| {p['max_abs_logit_error']:.3g} (logit std {p['logit_std']:.3g}), "
+                     f"{'PASS' if p['passed'] else 'FAIL'}")
+    if "throughput" in r:
+        t = r["throughput"]
+        decode = ", ".join(f"batch {b}: {v:,.0f}" for b, v in t["decode_tokens_per_s"].items())
+        lines.append(f"decode tokens/s ({t['model']}, {t['params_m']}M params, {t['weight_gib']} GiB): {decode}")
+        lines.append(f"batch 1 reads weights at {t['batch1_fraction_of_bandwidth_limit']:.1%} of the "
+                     f"{t['copy_bandwidth_gb_s']:,} GB/s measured copy bandwidth")
+        lines.append(f"prefill {t['prefill_tokens']} tokens: {t['prefill_tokens_per_s']:,.0f} tokens/s")
+    for level, figures in r.get("server", {}).items():
+        lines.append(f"server, concurrency {level}: {figures['output_token_throughput']:,.1f} output tok/s, TTFT p50 "
+                     f"{figures['ttft_p50_ms'] or 0:,.1f} ms, TPOT p50 {figures['tpot_p50_ms'] or 0:,.1f} ms, "
+                     f"{figures['failed']} failed")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU dry run")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check"))
+    parser.add_argument("--budget", type=float, default=270.0, help="seconds the whole pass should take at most")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu --quick for a dry run")
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = ModelConfig(**{**TINY, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4},
+                         name="tiny-llama3") if args.quick else ModelConfig.from_preset("llama-3.2-1b")
+    ctx = {"device": device, "dtype": torch.bfloat16, "sizes": QUICK if args.quick else FULL, "out": out,
+           "bench_config": config, "deadline": time.monotonic() + args.budget}
+    # gpu_check.sh's `timeout` sends SIGTERM: unwind, so the server subprocess is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    results, failed = {}, []
+    for name, section in (("device", section_device), ("sdpa", section_sdpa), ("parity", section_parity),
+                          ("throughput", section_throughput), ("server", section_server)):
+        print(f"\n=== {name} ===", flush=True)
+        start = time.perf_counter()
+        try:
+            results[name] = section(ctx)
+            print(json.dumps(results[name], indent=1, default=str), flush=True)
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+        print(f"[{name}: {time.perf_counter() - start:.1f} s]", flush=True)
+    if "parity" in results and not results["parity"]["passed"]:
+        failed.append("parity (tokens disagree beyond near-ties)")
+    (out / "gpu_check.json").write_text(json.dumps({"results": results, "failed": failed}, indent=1, default=str))
+    print("\n=== summary ===")
+    print("\n".join(summary_lines(results)))
+    print(f"{'FAILED: ' + ', '.join(failed) if failed else 'all sections passed'}; results in {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
