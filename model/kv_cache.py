@@ -21,15 +21,10 @@ class KVCache:
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
         shape = (config.num_hidden_layers, num_slots, config.num_key_value_heads, max_seq_len, config.head_dim)
-        # Attention reads a slot's rows past its own length (masked), so they must hold finite numbers. On CPU an
-        # allocation above glibc's mmap threshold (32 MiB at most) is fresh zero pages, committed only as sequences
-        # touch them; zeroing it would cost seconds and the whole buffer in resident memory. Smaller buffers may
-        # reuse freed memory, and GPU memory can hold anything: those are zeroed.
-        elem = torch.empty((), dtype=dtype).element_size()
-        large = elem * torch.Size(shape).numel() >= 64 * 2**20
-        alloc = torch.empty if torch.device(device).type == "cpu" and large else torch.zeros
-        self.k = alloc(shape, dtype=dtype, device=device)
-        self.v = alloc(shape, dtype=dtype, device=device)
+        # Zeroed, not just allocated: attention reads a slot's rows past its own length (masked out), and a
+        # masked NaN still poisons the softmax. Fresh CPU memory is not reliably zero (seen in the test suite).
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def nbytes(self) -> int:
