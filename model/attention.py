@@ -41,34 +41,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.impl = "sdpa"
-        self.qkv_weight: torch.Tensor | None = None  # set by fuse()
-
-    def fuse(self) -> None:
-        """One matrix for the Q, K and V projections: one matmul instead of three. The checkpoint-named
-        parameters become views of it, so state_dict() and loading are unchanged."""
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        fused = torch.cat([p.weight for p in projections]).detach()  # [(H + 2 Hkv) * D, dim]
-        start = 0
-        for p in projections:
-            rows = p.weight.shape[0]
-            p.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
-            start += rows
-        self.qkv_weight = fused
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv_weight is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return F.linear(x, self.qkv_weight).split([q_size, kv_size, kv_size], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
         attend = sdpa_attention if self.impl == "sdpa" else reference_attention
-        q, k, v = self.project(x)
-        q = apply_rope(q.view(N, self.num_heads, self.head_dim), cos, sin)     # [N, H, D]
-        k = apply_rope(k.view(N, self.num_kv_heads, self.head_dim), cos, sin)  # [N, Hkv, D]
-        v = v.view(N, self.num_kv_heads, self.head_dim)
+        q = apply_rope(self.q_proj(x).view(N, self.num_heads, self.head_dim), cos, sin)     # [N, H, D]
+        k = apply_rope(self.k_proj(x).view(N, self.num_kv_heads, self.head_dim), cos, sin)  # [N, Hkv, D]
+        v = self.v_proj(x).view(N, self.num_kv_heads, self.head_dim)
         # Two advanced indices around a slice: the indexed view is [N, Hkv, D], one write per token.
         k_cache[batch.slot_ids, :, batch.positions] = k
         v_cache[batch.slot_ids, :, batch.positions] = v

@@ -29,19 +29,5 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-        self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
-
-    def fuse(self) -> None:
-        """One [2 * hidden, dim] matrix for gate and up: one matmul instead of two. The checkpoint-named
-        parameters become views of it, so state_dict() and loading are unchanged."""
-        fused = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
-        hidden = self.gate_proj.weight.shape[0]
-        self.gate_proj.weight = nn.Parameter(fused[:hidden], requires_grad=False)
-        self.up_proj.weight = nn.Parameter(fused[hidden:], requires_grad=False)
-        self.gate_up_weight = fused
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # [N, hidden] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -59,12 +59,6 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.impl = impl
 
-    def fuse_projections(self) -> None:
-        """Fused QKV and gate-up matmuls for inference; the parameters keep their checkpoint names."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

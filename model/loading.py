@@ -66,7 +66,6 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
     model.tie_weights()
-    model.fuse_projections()
     model.reset_rope(device)
     return model.eval()
 
