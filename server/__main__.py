@@ -83,10 +83,7 @@ def build_engine(config: EngineConfig):
     loaded = load(config.model, device=config.device, dtype=config.torch_dtype, max_seq_len=config.max_model_len)
     log.info("loaded %s (%.0fM parameters, %s on %s) in %.2f s", loaded.source, loaded.config.num_params / 1e6,
              config.torch_dtype, config.device, loaded.load_seconds)
-    engine = LLMEngine(loaded, config)
-    log.info("KV cache: %d slots x %d tokens = %.1f MiB", config.max_num_seqs, engine.max_model_len,
-             engine.runner.cache.nbytes / 2**20)
-    return AsyncEngine(engine)
+    return AsyncEngine(LLMEngine(loaded, config))  # the runner logs the KV cache's size
 
 
 def main(argv: list[str] | None = None) -> None:
