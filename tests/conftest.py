@@ -38,3 +38,13 @@ def tiny_llama3() -> LoadedModel:
     model = build_model(config, state.items())
     tokenizer = Tokenizer.from_tiktoken_file(llama3_tokenizer_path())
     return LoadedModel(model, tokenizer, config, "tiny-llama3", 0.0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: without it they are skipped, cleanly and visibly."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
