@@ -126,7 +126,7 @@ class LLMEngine:
                 continue
             out = outputs.setdefault(seq.request_id, RequestOutput(seq.request_id, request.prompt_ids))
             out.deltas.append(delta)
-            if seq.num_prompt and seq.prompt_logprobs is not None and len(seq.output_ids) == 1:
+            if seq.prompt_logprobs is not None and len(seq.output_ids) == 1:
                 out.prompt_logprobs = seq.prompt_logprobs
         for request_id, out in outputs.items():
             request = self.requests.get(request_id)
