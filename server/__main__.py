@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, help="tokens per forward pass (default 512)")
     p.add_argument("--max-waiting", type=int, help="queued sequences before requests get 503 (default 512)")
     p.add_argument("--seed", type=int, help="seed for requests that give none (default 0)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the K/V a freed slot holds for a new prompt's prefix (default on)")
     p.add_argument("--api-key", help=f"require this bearer key on /v1 and token routes (or set {API_KEY_ENV})")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(default info)")
     p.add_argument("--shutdown-grace-seconds", type=float,

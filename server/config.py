@@ -19,6 +19,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512     # tokens in one forward pass (decodes + prefill chunks)
     max_waiting: int = 512                # sequences queued before new requests are refused
     seed: int = 0                         # for requests that give no seed
+    enable_prefix_caching: bool = True    # a new prompt reuses the K/V a freed slot holds for its prefix
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -32,6 +32,7 @@ class EngineStats:
     cache_capacity_tokens: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    prefix_cache_hit_tokens: int
 
 
 @dataclass
@@ -50,7 +51,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len, loaded.model.max_seq_len)
         self.runner = ModelRunner(loaded.model, config.max_num_seqs, self.max_model_len, config.device,
                                   config.torch_dtype)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
+                                   prefix_reuse=config.enable_prefix_caching)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -189,4 +191,5 @@ class LLMEngine:
             cache_capacity_tokens=self.scheduler.num_slots * self.max_model_len,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
         )

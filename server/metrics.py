@@ -42,6 +42,8 @@ class _EngineCollector:
         yield gauge("kv_cache_capacity_tokens", "Tokens the KV cache can hold.", s.cache_capacity_tokens)
         yield counter("prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens_total)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens_total)
+        yield counter("prefix_cache_hit_tokens", "Prompt tokens whose K/V were reused from a freed slot.",
+                      s.prefix_cache_hit_tokens)
 
 
 class Metrics:

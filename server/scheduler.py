@@ -3,6 +3,10 @@
 Every step, running sequences come first (decodes, then unfinished prefills), then waiting sequences are
 admitted first come, first served while slots and the token budget last. A running sequence is never
 preempted, so new arrivals cannot starve it.
+
+Prefix reuse: a freed slot keeps the K/V of the tokens its last sequence computed. A new sequence whose prompt
+starts with those tokens (a shared system prompt, a conversation's earlier turns) takes that slot and prefills
+only the rest.
 """
 
 from __future__ import annotations
@@ -37,9 +41,26 @@ class ScheduledBatch:
         return sum(len(c.token_ids) for c in self.chunks)
 
 
+# Below this many shared tokens a slot is not worth choosing over the lowest free one, which keeps running
+# sequences in consecutive slots (read by attention without a gather).
+MIN_PREFIX_REUSE = 16
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a[:limit], b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Scheduler:
-    def __init__(self, num_slots: int, max_num_batched_tokens: int, max_waiting: int):
+    def __init__(self, num_slots: int, max_num_batched_tokens: int, max_waiting: int, prefix_reuse: bool = True):
         self.free_slots = list(range(num_slots))  # a min-heap: the lowest free slot is reused first
+        self.slot_tokens: list[list[int]] = [[] for _ in range(num_slots)]  # what a free slot's K/V still hold
+        self.prefix_reuse = prefix_reuse
+        self.prefix_hit_tokens = 0
         self.num_slots = num_slots
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
@@ -74,7 +95,7 @@ class Scheduler:
                 elif seq.parent.num_computed < seq.num_prompt - 1:
                     break  # first come, first served: wait behind the parent's prefill
             self.waiting.popleft()
-            seq.slot = heapq.heappop(self.free_slots)
+            seq.slot = self._take_slot(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.admitted.append(seq)
@@ -91,6 +112,30 @@ class Scheduler:
         batch.chunks.sort(key=lambda c: (len(c.token_ids) > 1, c.seq.slot))
         return batch
 
+    def _take_slot(self, seq: Sequence) -> int:
+        """The free slot holding the longest prefix of the prompt, if long enough; else the lowest free slot.
+
+        At least the prompt's last token is always recomputed, since its logits give the first sample.
+        Sequences that want prompt logprobs, or fork from a sibling, prefill in full."""
+        best, best_len = None, MIN_PREFIX_REUSE - 1
+        if self.prefix_reuse and seq.parent is None and seq.params.prompt_logprobs is None:
+            for slot in self.free_slots:
+                cached = self.slot_tokens[slot]
+                if cached and cached[0] == seq.prompt_ids[0]:
+                    n = common_prefix(cached, seq.prompt_ids, seq.num_prompt - 1)
+                    if n > best_len:
+                        best, best_len = slot, n
+        if best is None:
+            slot = heapq.heappop(self.free_slots)
+        else:
+            slot = best
+            self.free_slots.remove(slot)
+            heapq.heapify(self.free_slots)
+            seq.num_computed = best_len
+            self.prefix_hit_tokens += best_len
+        self.slot_tokens[slot] = []  # the new occupant overwrites it from here on
+        return slot
+
     @staticmethod
     def _chunk(seq: Sequence, tokens: list[int]) -> ScheduledChunk:
         return ScheduledChunk(seq, tokens, seq.num_computed, seq.num_computed + len(tokens) == seq.num_tokens)
@@ -102,6 +147,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         if seq.slot is not None:
+            self.slot_tokens[seq.slot] = (seq.prompt_ids + seq.output_ids)[:seq.num_computed]
             heapq.heappush(self.free_slots, seq.slot)
             seq.slot = None
 

@@ -288,3 +288,38 @@ def test_abort_frees_the_slot_within_a_step(tiny_llama3):
     results = run(engine, {})
     assert ("2", 0) not in results and all(len(results[(r, 0)].token_ids) == 49 for r in "013")
     assert_all_slots_free(engine)
+
+
+def test_prefix_reuse_prefills_only_the_new_suffix_and_changes_nothing(smollm):
+    tok = smollm.tokenizer
+    shared = tok.encode("You are a careful assistant. Answer briefly and precisely, in plain English, "
+                        "without lists or markdown. Question:")
+    first = shared + tok.encode(" What colour is the sky?")
+    second = shared + tok.encode(" Name a large ocean.")
+    assert len(shared) >= 16
+
+    engine = make_engine(smollm)
+    run(engine, {"a": (first, GREEDY)})
+    before = engine.stats()
+    got = run(engine, {"b": (second, GREEDY)})[("b", 0)]
+    after = engine.stats()
+    assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens == len(shared)
+    assert after.prompt_tokens_total - before.prompt_tokens_total == len(second) - len(shared)
+
+    fresh = run(make_engine(smollm, enable_prefix_caching=False), {"b": (second, GREEDY)})[("b", 0)]
+    assert got.token_ids == fresh.token_ids
+    assert_all_slots_free(engine)
+
+
+def test_prefix_reuse_skips_requests_that_want_prompt_logprobs(smollm):
+    tok = smollm.tokenizer
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog while the cat watches from the fence.")
+    engine = make_engine(smollm)
+    run(engine, {"a": (prompt, GREEDY)})
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1)
+    engine.add_request("b", prompt, params)
+    seq = engine.requests["b"].seqs[0]
+    while engine.has_work():
+        engine.step()
+    assert engine.stats().prefix_cache_hit_tokens == 0
+    assert len(seq.prompt_logprobs) == len(prompt) and seq.prompt_logprobs[0] is None
