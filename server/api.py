@@ -21,7 +21,7 @@ from server.async_engine import AsyncEngine
 from server.errors import APIError, to_api_error
 from server.metrics import Metrics
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
-                             TokenizeRequest, now)
+                             TokenizeRequest, now, template_messages)
 from server.serving_chat import ChatServing
 from server.serving_completions import CompletionServing
 
@@ -205,8 +205,7 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         tokenizer = state.completions.tokenizer
         if body.messages is not None:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            ids = state.chat.prompt_ids(messages, body.add_generation_prompt)
+            ids = state.chat.prompt_ids(template_messages(body.messages), body.add_generation_prompt)
         elif body.add_special_tokens:
             ids = tokenizer.encode_prompt(body.prompt)
         else:

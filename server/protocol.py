@@ -90,20 +90,24 @@ class CompletionRequest(SamplingFields):
         return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
+class ContentPart(Strict):
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)
-        return self.content or ""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ParamError(f"content parts of type {part.type!r} are not supported: this model reads "
+                                 "text only ('type': 'text' with a 'text' field)", "content")
+        return "\n".join(part.text for part in self.content)
 
 
 class ResponseFormat(Strict):
@@ -137,13 +141,21 @@ class ChatCompletionRequest(SamplingFields):
         return self._sampling_params(max_tokens, logprobs)
 
     def template_messages(self) -> list[dict[str, str]]:
-        out = []
-        for m in self.messages:
+        return template_messages(self.messages)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as chat templates take them: text content, `developer` read as `system`."""
+    out = []
+    for i, m in enumerate(messages):
+        try:
             message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            if m.name:
-                message["name"] = m.name
-            out.append(message)
-        return out
+        except ParamError as e:
+            raise ParamError(str(e), f"messages.{i}.content") from None
+        if m.name:
+            message["name"] = m.name
+        out.append(message)
+    return out
 
 
 # -- responses ---------------------------------------------------------------------------------------------------
