@@ -114,14 +114,15 @@ def load_directory(directory: Path, **kwargs) -> tuple[Llama, Tokenizer, ModelCo
 
 def load_gguf(path: Path, **kwargs) -> tuple[Llama, Tokenizer, ModelConfig]:
     from model.gguf import config_from_gguf, load_gguf_state_dict
-    from model.tokenizer import Tokenizer
-
     from model.gguf_file import GGUFFile
+    from model.tokenizer import Tokenizer
 
     header = GGUFFile(path)  # parsed once, for the config and the vocabulary
     config = config_from_gguf(header)
     tokenizer = Tokenizer.from_gguf(header.metadata)
-    state = load_gguf_state_dict(path)
+    # Dequantise straight to the serving dtype, so the cached copy needs no conversion at the next start.
+    dtype = kwargs.get("dtype") or default_dtype(kwargs.get("device", "cpu"))
+    state = load_gguf_state_dict(path, dtype)
     model = build_model(config, state.items(), **kwargs)
     return model, tokenizer, config
 
