@@ -398,3 +398,30 @@ def test_metrics(tiny_server, tiny_llama3):
     assert metric(after, tiny_server, "e2e_request_latency_seconds_bucket", le="+Inf") >= 1
     for gauge in ("num_requests_running", "kv_cache_usage_perc", "kv_cache_tokens"):
         assert metric(after, tiny_server, gauge) == 0.0
+
+
+def test_follow_up_chat_turn_reuses_the_conversation_prefix(smol_server, smollm):
+    """The second turn's prompt starts with the first turn's prompt and answer: only the rest is prefilled,
+    and the reply is what the model gives with nothing reused (checked by running it directly)."""
+    client = smol_server.client()
+    system = {"role": "system", "content": "You are a geography tutor. Keep every answer to one short sentence."}
+    first = [system, {"role": "user", "content": "What is the capital of Italy?"}]
+    answer = client.chat.completions.create(model=smol_server.model, messages=first, max_tokens=24,
+                                            temperature=0).choices[0].message.content
+    follow_up = first + [{"role": "assistant", "content": answer},
+                         {"role": "user", "content": "And of Spain?"}]
+    before = scrape(smol_server)
+    reply = client.chat.completions.create(model=smol_server.model, messages=follow_up, max_tokens=16,
+                                           temperature=0)
+    after = scrape(smol_server)
+    hits = metric(after, smol_server, "prefix_cache_hit_tokens_total") - metric(
+        before, smol_server, "prefix_cache_hit_tokens_total")
+    prefilled = metric(after, smol_server, "prompt_tokens_total") - metric(before, smol_server, "prompt_tokens_total")
+    assert hits >= 30 and hits + prefilled == reply.usage.prompt_tokens
+
+    tokenizer = smollm.tokenizer
+    from model.chat_template import render_chat
+    ids = tokenizer.encode_prompt(render_chat(tokenizer.chat_template, follow_up, bos_token=tokenizer.bos_token,
+                                              eos_token=tokenizer.eos_token))
+    expected, _ = reference_greedy(smollm, ids, reply.usage.completion_tokens)
+    assert tokenizer.decode(expected, skip_special_tokens=True) == reply.choices[0].message.content
