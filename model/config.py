@@ -143,8 +143,7 @@ class ModelConfig:
         """A named architecture from `configs/models/NAME.json` (Hugging Face config.json format)."""
         path = PRESETS_DIR / f"{name}.json"
         if not path.is_file():
-            known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
-            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(known)}")
+            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(preset_names())}")
         return cls.from_json_file(path, name=name)
 
 

@@ -72,10 +72,6 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self._streams) + len(self._inbox)
-
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True
         self._wake.set()
