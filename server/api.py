@@ -46,9 +46,8 @@ class ServerState:
             self.set_engine(self.engine)
 
     def set_engine(self, engine: AsyncEngine) -> None:
-        max_len = engine.engine.max_model_len
-        self.completions = CompletionServing(engine, self.served_model_name, max_len, self.metrics)
-        self.chat = ChatServing(engine, self.served_model_name, max_len, self.metrics)
+        self.completions = CompletionServing(engine, self.served_model_name, self.metrics)
+        self.chat = ChatServing(engine, self.served_model_name, self.metrics)
         self.engine = engine
 
     def ready(self) -> AsyncEngine:

@@ -57,19 +57,24 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """Refuse a prompt the engine cannot run; reads only constants, so any thread may call it."""
+        vocab = self.model_config.vocab_size
+        if not prompt_ids:
+            raise ParamError("the prompt is empty", "prompt")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ParamError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise PromptTooLong(f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
+                                f"has {len(prompt_ids)} tokens, leaving no room to generate", "prompt")
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if not prompt_ids:
-            raise ParamError("the prompt is empty", "prompt")
-        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
-            raise ParamError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", "prompt")
+        self.check_prompt(prompt_ids)
         if any(not 0 <= t < self.model_config.vocab_size for t in params.logit_bias):
             raise ParamError(f"logit_bias token ids must be in [0, {self.model_config.vocab_size})", "logit_bias")
         room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise PromptTooLong(f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
-                                f"has {len(prompt_ids)} tokens, leaving no room to generate", "prompt")
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         eos = self.tokenizer.eos_token_ids
         seqs = [Sequence(request_id, i, list(prompt_ids), params, max_tokens, eos) for i in range(params.n)]

@@ -15,7 +15,7 @@ from server.async_engine import AsyncEngine
 from server.errors import APIError, to_api_error
 from server.metrics import Metrics
 from server.output import RequestOutput, TokenLogprob
-from server.sampling_params import SamplingParams
+from server.sampling_params import ParamError, SamplingParams
 
 log = logging.getLogger("server.requests")
 _DONE = object()
@@ -38,11 +38,10 @@ def sse(payload) -> str:
 
 
 class Serving:
-    def __init__(self, engine: AsyncEngine, served_model_name: str, max_model_len: int, metrics: Metrics):
+    def __init__(self, engine: AsyncEngine, served_model_name: str, metrics: Metrics):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = served_model_name
-        self.max_model_len = max_model_len
         self.metrics = metrics
 
     def check_model(self, model: str | None) -> None:
@@ -51,15 +50,13 @@ class Serving:
                            param="model", code="model_not_found")
 
     def check_prompt(self, ids: list[int], param: str = "prompt") -> None:
-        if not ids:
-            raise APIError(400, "the prompt is empty", param=param)
-        vocab = self.tokenizer.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param=param)
-        if len(ids) >= self.max_model_len:
-            raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
-                           f"has {len(ids)} tokens, leaving no room to generate", param=param,
-                           code="context_length_exceeded")
+        """The engine's own prompt checks, before anything starts, naming the field the client sent."""
+        try:
+            self.engine.engine.check_prompt(ids)
+        except ParamError as e:
+            error = to_api_error(e)
+            error.param = param
+            raise error from None
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

@@ -19,8 +19,8 @@ from server.serving import Serving, sse
 
 
 class ChatServing(Serving):
-    def __init__(self, engine: AsyncEngine, served_model_name: str, max_model_len: int, metrics: Metrics):
-        super().__init__(engine, served_model_name, max_model_len, metrics)
+    def __init__(self, engine: AsyncEngine, served_model_name: str, metrics: Metrics):
+        super().__init__(engine, served_model_name, metrics)
         self.template = ChatTemplate(self.tokenizer.chat_template or LLAMA3_CHAT_TEMPLATE)
 
     def prompt_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
