@@ -100,10 +100,11 @@ class Serving:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def collect(self, raw: Request, stream: AsyncIterator[tuple[int, RequestOutput]],
-                      n: int) -> tuple[dict[int, Choice], dict[int, RequestOutput]]:
-        """Drain the stream for a non-streaming response; a client that goes away aborts the requests."""
+                      n: int) -> tuple[dict[int, Choice], dict[int, list]]:
+        """Drain the stream for a non-streaming response: the choices by index, and each prompt's prompt
+        logprobs when asked for. A client that goes away aborts the requests."""
         choices: dict[int, Choice] = {}
-        finals: dict[int, RequestOutput] = {}
+        prompt_logprobs: dict[int, list] = {}
 
         async def drain():
             async for i, out in stream:
@@ -114,10 +115,8 @@ class Serving:
                     c.logprobs += d.logprobs or []
                     if d.finish_reason:
                         c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
-                if out.finished:
-                    finals[i] = out
                 if out.prompt_logprobs is not None:
-                    finals.setdefault(-1 - i, out)  # keep the output that carried prompt logprobs
+                    prompt_logprobs.setdefault(i, out.prompt_logprobs)
 
         task = asyncio.create_task(drain())
         while not task.done():
@@ -127,7 +126,7 @@ class Serving:
                 await asyncio.gather(task, return_exceptions=True)
                 raise asyncio.CancelledError("client disconnected")
         task.result()
-        return choices, finals
+        return choices, prompt_logprobs
 
     async def first_then_rest(self, stream: AsyncIterator) -> AsyncIterator:
         """Wait for the first output before answering, so refusals (overload, bad prompt) get a real status."""

@@ -41,7 +41,7 @@ class CompletionServing(Serving):
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._events(body, prompts, stream, request_id, created, include_usage),
                                      media_type="text/event-stream")
-        choices, finals = await self.collect(raw, stream, params.n)
+        choices, prompt_logprobs = await self.collect(raw, stream, params.n)
         out = []
         for index in sorted(choices):
             c = choices[index]
@@ -52,8 +52,7 @@ class CompletionServing(Serving):
             if body.logprobs is not None:
                 logprobs = CompletionLogprobs()
                 if body.echo:
-                    prompt_out = finals.get(-1 - prompt_i)
-                    self._add_logprobs(logprobs, prompt_out.prompt_logprobs if prompt_out else [], prompts[prompt_i])
+                    self._add_logprobs(logprobs, prompt_logprobs.get(prompt_i, []), prompts[prompt_i])
                 self._add_logprobs(logprobs, c.logprobs, None)
             out.append(CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
                                         stop_reason=c.stop_reason))
