@@ -1,4 +1,12 @@
-"""Grouped-query attention over the preallocated KV cache: SDPA, and a plain reference path for tests."""
+"""Grouped-query attention over the preallocated KV cache: SDPA, and a plain reference path for tests.
+
+Decode attention (one new token per sequence) is a custom op, `llama3::decode_attention`: it writes the new
+keys and values into the cache and attends over each sequence's cached prefix. Being one opaque op, it can sit
+inside a compiled decode step while the lengths it reads change every step. The query heads that share a KV
+head are laid out as that head's query rows, so K/V are read once and never repeated per query head. On CPU it
+runs a C kernel (model/kernels/decode_attention.c) that reads each sequence's own tokens and nothing else;
+elsewhere, or without a C compiler, SDPA over the batch's longest prefix with a mask for the shorter ones.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,8 @@ from torch import nn
 
 from model.batch import ForwardBatch
 from model.config import ModelConfig
+from model.cpu_kernels import decode_attention_kernel
+from model.layers import project
 from model.rope import apply_rope
 
 ATTENTION_IMPLS = ("sdpa", "reference")
@@ -30,6 +40,64 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
 
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, lens: torch.Tensor,
+                      host: torch.Tensor, reference: bool) -> torch.Tensor:
+    """q [B, H, D], k and v [B, Hkv, D] at `positions` of cache `slots`; lens [B] tokens to attend (the new one
+    included); `host` is [slots; lens] again as a CPU tensor [2, B], read without a device sync. Rows with
+    length 0 are padding: nothing is written for them and their output is zero."""
+    B, H, D = q.shape
+    Hkv = k_cache.shape[1]
+    kernel = None if reference or q.device.type != "cpu" else decode_attention_kernel(q.dtype)
+    if kernel is not None:  # writes the new rows and reads each sequence's own tokens, nothing else
+        return kernel(q.view(B, Hkv, H // Hkv, D), k, v, k_cache, v_cache, host).view(B, H, D)
+
+    host_slots, lengths = host.tolist()
+    n = B - lengths.count(0)
+    if any(length == 0 for length in lengths[:n]):
+        raise ValueError("padding rows of a decode batch must come last")
+    out = torch.zeros_like(q)
+    if n == 0:
+        return out
+    slots, positions = slots[:n], positions[:n]
+    k_cache[slots, :, positions] = k[:n]  # two advanced indices around a slice: [n, Hkv, D]
+    v_cache[slots, :, positions] = v[:n]
+    queries = q[:n].view(n, Hkv, H // Hkv, D)  # the query heads of one KV head are its query rows
+    L = max(lengths[:n])
+    first = host_slots[0]
+    if host_slots[:n] == list(range(first, first + n)):  # consecutive slots: a view
+        keys, values = k_cache[first:first + n, :, :L], v_cache[first:first + n, :, :L]  # [n, Hkv, L, D]
+    else:  # a gather: copies the live prefix of each slot
+        keys, values = k_cache[slots, :, :L], v_cache[slots, :, :L]
+    mask = (torch.arange(L, device=q.device) < lens[:n, None])[:, None, None, :]  # [n, 1, 1, L]
+    if reference:
+        attended = reference_attention(queries.reshape(n * Hkv, 1, H // Hkv, D), keys.reshape(n * Hkv, 1, L, D),
+                                       values.reshape(n * Hkv, 1, L, D), mask.repeat_interleave(Hkv, 0))
+    else:
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)  # [n, Hkv, G, D]
+    out[:n] = attended.reshape(n, H, D)
+    return out
+
+
+# A schema-defined op rather than `torch.library.custom_op`: its dispatch costs a few microseconds, not tens.
+_library = torch.library.Library("llama3", "DEF")
+_library.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+                "Tensor slots, Tensor positions, Tensor lens, Tensor host, bool reference) -> Tensor")
+_library.impl("decode_attention", _decode_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("llama3::decode_attention")
+def _(q, k, v, k_cache, v_cache, slots, positions, lens, host, reference):
+    return torch.empty_like(q)
+
+
+def decode_attention(*args) -> torch.Tensor:
+    """The op inside a compiled graph; the plain function in eager mode, which skips the op's dispatch."""
+    if torch.compiler.is_compiling():
+        return torch.ops.llama3.decode_attention.default(*args)
+    return _decode_attention(*args)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -44,29 +112,27 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        N = x.shape[0]
-        attend = sdpa_attention if self.impl == "sdpa" else reference_attention
-        q = apply_rope(self.q_proj(x).view(N, self.num_heads, self.head_dim), cos, sin)     # [N, H, D]
-        k = apply_rope(self.k_proj(x).view(N, self.num_kv_heads, self.head_dim), cos, sin)  # [N, Hkv, D]
-        v = self.v_proj(x).view(N, self.num_kv_heads, self.head_dim)
-        # Two advanced indices around a slice: the indexed view is [N, Hkv, D], one write per token.
-        k_cache[batch.slot_ids, :, batch.positions] = k
-        v_cache[batch.slot_ids, :, batch.positions] = v
+        N, B = x.shape[0], batch.num_decode
+        q = apply_rope(project(self.q_proj, x, B).view(N, self.num_heads, self.head_dim), cos, sin)     # [N, H, D]
+        k = apply_rope(project(self.k_proj, x, B).view(N, self.num_kv_heads, self.head_dim), cos, sin)  # [N, Hkv, D]
+        v = project(self.v_proj, x, B).view(N, self.num_kv_heads, self.head_dim)
+        reference = self.impl == "reference"
+        if not batch.prefills:  # decode only: the shape a compiled step sees
+            out = decode_attention(q, k, v, k_cache, v_cache, batch.decode_slots, batch.positions,
+                                   batch.decode_lens, batch.decode_host, reference)
+            return project(self.o_proj, out.view(N, self.num_heads * self.head_dim), B)
 
         out = torch.empty_like(q)  # [N, H, D]
-        B = batch.num_decode
         if B:
-            L = batch.decode_len
-            if batch.decode_slot_range is not None:  # a view of consecutive slots
-                first, end = batch.decode_slot_range
-                keys, values = k_cache[first:end, :, :L], v_cache[first:end, :, :L]  # [B, Hkv, L, D]
-            else:  # a gather: copies the live prefix of each slot
-                keys = k_cache[batch.decode_slots, :, :L]  # [B, Hkv, L, D]
-                values = v_cache[batch.decode_slots, :, :L]
-            out[:B] = attend(q[:B].unsqueeze(2), keys, values, batch.decode_mask).squeeze(2)
+            out[:B] = decode_attention(q[:B], k[:B], v[:B], k_cache, v_cache, batch.decode_slots,
+                                       batch.positions[:B], batch.decode_lens, batch.decode_host, reference)
+        # Prefill rows: one write for all of them, then each chunk attends over a view of its slot.
+        k_cache[batch.slot_ids[B:], :, batch.positions[B:]] = k[B:]
+        v_cache[batch.slot_ids[B:], :, batch.positions[B:]] = v[B:]
+        attend = reference_attention if reference else sdpa_attention
         for span in batch.prefills:
             keys = k_cache[span.slot, :, : span.context_len].unsqueeze(0)  # [1, Hkv, L, D], a view
             values = v_cache[span.slot, :, : span.context_len].unsqueeze(0)
             queries = q[span.rows].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
             out[span.rows] = attend(queries, keys, values, span.mask)[0].transpose(0, 1)
-        return self.o_proj(out.view(N, self.num_heads * self.head_dim))
+        return project(self.o_proj, out.view(N, self.num_heads * self.head_dim), B)

@@ -1,9 +1,9 @@
 """The explicit batch one forward pass runs over: packed tokens of many sequences, each at its own position.
 
-Sequences whose chunk is a single token (decoding, or a one-token prompt) form the *decode group*: their
-attention is one batched SDPA call over the cache rows of their slots. Longer chunks (prefill) each get
-their own call over a view of their slot. The caller lists decode chunks first, so the decode group's
-tokens are the leading rows of the packed batch.
+Chunks that decode (one generated token of a sequence) form the *decode group*: their attention is one batched
+call over the cache rows of their slots, and quantised layers multiply them with their packed weights. Other
+chunks (prompt tokens) each get their own attention call over a view of their slot. The caller lists decode
+chunks first, so the decode group's tokens are the leading rows of the packed batch.
 """
 
 from __future__ import annotations
@@ -21,10 +21,15 @@ class SequenceChunk:
     start: int
     token_ids: list[int]
     all_logits: bool = False  # logits for every new token (prompt logprobs), not just the last
+    decode: bool | None = None  # a generated token; None: any single-token chunk counts as one
 
     @property
     def end(self) -> int:
         return self.start + len(self.token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.token_ids) == 1 if self.decode is None else self.decode
 
 
 @dataclass(frozen=True)
@@ -40,12 +45,11 @@ class ForwardBatch:
     input_ids: torch.Tensor       # [N] int64
     positions: torch.Tensor       # [N] int64
     slot_ids: torch.Tensor        # [N] int64, the cache slot each token writes to
-    logits_indices: torch.Tensor  # [M] rows whose logits the forward returns
+    logits_indices: torch.Tensor  # [M] rows whose logits the forward returns; the decode rows' come first
     num_decode: int               # leading rows that form the decode group
     decode_slots: torch.Tensor    # [num_decode] int64
-    decode_slot_range: tuple[int, int] | None  # (first, end) when those slots are consecutive: read a view, no gather
-    decode_mask: torch.Tensor     # [num_decode, 1, 1, decode_len] bool
-    decode_len: int               # longest context in the decode group
+    decode_lens: torch.Tensor     # [num_decode] int64, tokens each decode row attends to (itself included)
+    decode_host: torch.Tensor     # [2, num_decode] int64 on the CPU: decode_slots and decode_lens again
     max_position: int             # known on the host, so bounds are checked without a device sync
     prefills: tuple[PrefillSpan, ...]
 
@@ -57,13 +61,15 @@ class ForwardBatch:
     def build(cls, chunks: list[SequenceChunk], device: torch.device | str = "cpu") -> ForwardBatch:
         if not chunks:
             raise ValueError("a batch needs at least one sequence chunk")
-        num_decode = 0
-        while num_decode < len(chunks) and len(chunks[num_decode].token_ids) == 1:
-            num_decode += 1
-        if any(len(c.token_ids) == 1 for c in chunks[num_decode:]):
-            raise ValueError("single-token chunks must come before longer ones")
         if any(not c.token_ids for c in chunks):
             raise ValueError("every chunk needs at least one token")
+        num_decode = 0
+        while num_decode < len(chunks) and chunks[num_decode].is_decode:
+            num_decode += 1
+        if any(c.is_decode for c in chunks[num_decode:]):
+            raise ValueError("decode chunks must come before the others")
+        if any(len(c.token_ids) != 1 for c in chunks[:num_decode]):
+            raise ValueError("a decode chunk has exactly one token")
 
         ids, positions, slots, logits_rows, prefills = [], [], [], [], []
         for c in chunks:
@@ -73,7 +79,7 @@ class ForwardBatch:
             positions.extend(range(c.start, c.end))
             slots.extend([c.slot] * n)
             logits_rows.extend(range(row, row + n) if c.all_logits else [row + n - 1])
-            if n > 1:
+            if not c.is_decode:
                 mask = None
                 if c.start:
                     q_pos = torch.arange(c.start, c.end, device=device)
@@ -81,12 +87,7 @@ class ForwardBatch:
                 prefills.append(PrefillSpan(slice(row, row + n), c.slot, c.end, mask))
 
         decode = chunks[:num_decode]
-        decode_slot_list = [c.slot for c in decode]
-        consecutive = decode_slot_list == list(range(decode_slot_list[0], decode_slot_list[0] + num_decode)) \
-            if decode else False
-        decode_len = max((c.end for c in decode), default=0)
-        ctx = torch.tensor([c.end for c in decode], dtype=torch.long, device=device)
-        decode_mask = torch.arange(decode_len, device=device)[None, :] < ctx[:, None]  # [B, L]
+        host = torch.tensor([[c.slot for c in decode], [c.end for c in decode]], dtype=torch.long).view(2, -1)
 
         def as_tensor(values):
             return torch.tensor(values, dtype=torch.long, device=device)
@@ -97,10 +98,9 @@ class ForwardBatch:
             slot_ids=as_tensor(slots),
             logits_indices=as_tensor(logits_rows),
             num_decode=num_decode,
-            decode_slots=as_tensor(decode_slot_list),
-            decode_slot_range=(decode_slot_list[0], decode_slot_list[0] + num_decode) if consecutive else None,
-            decode_mask=decode_mask[:, None, None, :],
-            decode_len=decode_len,
+            decode_slots=host[0].to(device),
+            decode_lens=host[1].to(device),
+            decode_host=host,
             max_position=max(c.end for c in chunks) - 1,
             prefills=tuple(prefills),
         )

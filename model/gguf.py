@@ -236,3 +236,35 @@ def load_gguf_state_dict(path: str | PathLike, dtype: torch.dtype = torch.float3
     except OSError as e:
         log.warning("cannot write the weight cache %s (%s); loading without it", target, e)
     return dict(_converted(file, dtype)[1])
+
+
+INT4_TYPES = {Q.Q4_0: "Q4_0", Q.Q4_1: "Q4_1"}
+
+
+def gguf_int4_weights(path: str | PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The 4-bit linear weights of a GGUF file as they are stored: HF name -> (codes, scales, zeros) for
+    `model.quant.Int4Linear.from_codes`, Q/K rows un-permuted like the dequantised weights. Only Q4_0 and
+    Q4_1 tensors map exactly; the others are left out (the caller keeps them dense). The embedding is
+    left out too: it is looked up, not multiplied."""
+    from model.quant import gguf_q4_codes
+
+    file = GGUFFile(path)
+    plan = _tensor_plan(config_from_gguf(file))
+    _check_tensors(file, plan)
+    weights = {}
+    for name, (hf_name, _, rotary_heads) in plan.items():
+        info = file.tensors[name]
+        if info.qtype not in INT4_TYPES or hf_name == "model.embed_tokens.weight":
+            continue
+        parts = gguf_q4_codes(file.tensor_bytes(info), INT4_TYPES[info.qtype])
+        if rotary_heads is not None:
+            parts = tuple(_unpermute_rotary(t, rotary_heads) for t in parts)
+        weights[hf_name] = parts
+    return weights
+
+
+def gguf_tensor_types(path: str | PathLike) -> dict[str, str]:
+    """HF name -> GGUF type name of every tensor, for the start-up log."""
+    file = GGUFFile(path)
+    plan = _tensor_plan(config_from_gguf(file))
+    return {hf_name: file.tensors[name].type_name for name, (hf_name, _, _) in plan.items() if name in file.tensors}

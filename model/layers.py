@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.quant import Int4Linear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -20,6 +22,13 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def project(linear: nn.Module, x: torch.Tensor, num_decode: int) -> torch.Tensor:
+    """`linear(x)`; a quantised linear also learns which leading rows are decode rows (see model/quant.py)."""
+    if isinstance(linear, Int4Linear):
+        return linear(x, num_decode)
+    return linear(x)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); names match the Hugging Face checkpoint."""
 
@@ -29,5 +38,6 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, num_decode: int | None = None) -> torch.Tensor:
+        hidden = F.silu(project(self.gate_proj, x, num_decode)) * project(self.up_proj, x, num_decode)
+        return project(self.down_proj, hidden, num_decode)

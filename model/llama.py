@@ -9,7 +9,7 @@ from model.attention import ATTENTION_IMPLS, Attention
 from model.batch import ForwardBatch
 from model.config import ModelConfig
 from model.kv_cache import KVCache
-from model.layers import MLP, RMSNorm
+from model.layers import MLP, RMSNorm, project
 from model.rope import rope_tables
 
 
@@ -23,7 +23,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, batch: ForwardBatch, k_cache, v_cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), batch.num_decode)
 
 
 class LlamaModel(nn.Module):
@@ -66,12 +66,20 @@ class Llama(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Logits [len(batch.logits_indices), vocab] in float32, only for the rows that need them."""
-        if batch.max_position >= min(self.max_seq_len, cache.max_seq_len):
+        return self.run(batch, cache)
+
+    def run(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """`forward` without entering inference mode: what a compiled step traces, under `torch.no_grad`
+        (inference tensors cannot be mutated through views inside a compiled graph)."""
+        # Not while compiling: the check reads a host int that changes every step, and a compiled step's
+        # caller has checked its batch already.
+        if not torch.compiler.is_compiling() and batch.max_position >= min(self.max_seq_len, cache.max_seq_len):
             raise ValueError(f"position {batch.max_position} is beyond the model's or the cache's maximum length")
         x = self.model.embed_tokens(batch.input_ids)  # [N, dim]
         cos = self.rope_cos[batch.positions]  # [N, D/2]
         sin = self.rope_sin[batch.positions]
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, batch, cache.k[i], cache.v[i])
-        x = self.model.norm(x[batch.logits_indices])  # [M, dim]
-        return self.lm_head(x).float()
+        if batch.prefills:  # decode-only batches want every row, in order
+            x = x[batch.logits_indices]  # [M, dim]
+        return project(self.lm_head, self.model.norm(x), batch.num_decode).float()

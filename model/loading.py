@@ -7,6 +7,7 @@ a checkpoint never sits in memory twice.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.llama import Llama
+from model.quant import QUANTIZATIONS, quantize_model
 
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 # Tensors some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -33,6 +37,7 @@ class LoadedModel:
     config: ModelConfig
     source: str
     load_seconds: float
+    quantization: str = "none"
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -129,11 +134,19 @@ def load_gguf(path: Path, **kwargs) -> tuple[Llama, Tokenizer, ModelConfig]:
 
 def load(source: str | Path | None = None, *, device: torch.device | str = "cpu",
          dtype: torch.dtype | None = None, max_seq_len: int | None = None,
-         revision: str | None = None) -> LoadedModel:
-    """Load a model by what `source` names: None (the embedded default), a .gguf file, a directory, a repo id."""
+         revision: str | None = None, quantization: str = "none") -> LoadedModel:
+    """Load a model by what `source` names: None (the embedded default), a .gguf file, a directory, a repo id.
+
+    `quantization`: "none" keeps every weight dense in `dtype`; "int4" serves linear layers with packed 4-bit
+    weights (CPU only): a GGUF's Q4_0/Q4_1 tensors exactly as stored, a float checkpoint's quantised at load
+    (see `model.quant.quantize_model`); "auto" is int4 for a GGUF with such tensors on CPU, else none."""
     from model.default import default_gguf_path
     from model.hub import looks_like_repo_id, resolve_repo
 
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
+    if quantization == "int4" and torch.device(device).type != "cpu":
+        raise ValueError("--quantization int4 runs on torch's CPU kernels; on a GPU use --quantization none")
     start = time.perf_counter()
     kwargs = dict(device=device, dtype=dtype, max_seq_len=max_seq_len)
     path = Path(source) if source is not None else default_gguf_path()
@@ -149,5 +162,35 @@ def load(source: str | Path | None = None, *, device: torch.device | str = "cpu"
     else:
         raise ValueError(f"model {str(source)!r} is neither a file, a directory nor a Hugging Face repo id")
     model, tokenizer, config = loaded
+    if quantization == "auto":
+        quantization = "int4" if torch.device(device).type == "cpu" and _has_int4_tensors(path) else "none"
+    if quantization == "int4":
+        _quantize(model, path if path.is_file() else None)
     return LoadedModel(model, tokenizer, config, str(source if source is not None else path),
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, quantization)
+
+
+def _has_int4_tensors(path: Path) -> bool:
+    from model.gguf import INT4_TYPES
+    from model.gguf_file import GGUFFile
+
+    return path.is_file() and any(t.qtype in INT4_TYPES for t in GGUFFile(path).tensors.values())
+
+
+def _quantize(model: Llama, gguf_path: Path | None) -> None:
+    from model.gguf import gguf_int4_weights, gguf_tensor_types
+
+    if gguf_path is None:  # a float checkpoint that opted in
+        blocks = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
+        done = quantize_model(model, None, quantize_others=True, only=blocks)
+        log.info("int4: %d linear layers quantised at load (groups of 32, min/max); the output head stays dense",
+                 len(done))
+        return
+    # An output head the file keeps at 8 bits or more (often the tied embedding) stays dense: quantised to 4 bits
+    # (groups of 32) or to int8 per output feature it changed too many next-token choices (see the README).
+    done = quantize_model(model, gguf_int4_weights(gguf_path), quantize_others=False)
+    types = gguf_tensor_types(gguf_path)
+    dense = sorted({types[f"{name}.weight"] for name, module in model.named_modules()
+                    if isinstance(module, nn.Linear) and name != "lm_head" and f"{name}.weight" in types})
+    log.info("int4: %d linear layers as stored in the GGUF; the output head%s stays dense", len(done),
+             f" and the layers stored as {', '.join(dense)} (no exact 4-bit form)" if dense else "")
