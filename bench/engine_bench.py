@@ -1,6 +1,7 @@
 """Engine throughput with continuous batching: aggregate output tokens/s at several concurrency levels.
 
     python bench/engine_bench.py [--model PATH] [--concurrency 1 4 16 32] [--prompt-len 128] [--output-len 128]
+                                 [--quantization auto|none|int4] [--enforce-eager] [--max-model-len N]
 
 For each level, `concurrency` requests of `--prompt-len` random tokens each generate exactly `--output-len`
 tokens (ignore_eos) through one `LLMEngine`; throughput is output tokens over wall time, prefill included.
@@ -42,19 +43,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int4"])
+    parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="KV cache slot length (default: prompt + output + 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=max(args.concurrency),
-                          max_model_len=args.prompt_len + args.output_len + 1,
+    config = EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
+                          enforce_eager=args.enforce_eager, max_num_seqs=max(args.concurrency),
+                          max_model_len=args.max_model_len or args.prompt_len + args.output_len + 1,
                           max_num_batched_tokens=max(args.max_num_batched_tokens, max(args.concurrency)))
-    loaded = load(config.model, device=config.device, dtype=config.torch_dtype, max_seq_len=config.max_model_len)
+    loaded = load(config.model, device=config.device, dtype=config.torch_dtype, max_seq_len=config.max_model_len,
+                  quantization=config.quantization)
     engine = LLMEngine(loaded, config)
-    print(f"{loaded.source} ({config.torch_dtype}), prompt {args.prompt_len}, output {args.output_len} tokens")
+    print(f"{loaded.source} ({config.torch_dtype}, quantization {loaded.quantization}, "
+          f"{'eager' if engine.runner.decode_step is None else 'compiled decode'}), "
+          f"prompt {args.prompt_len}, output {args.output_len} tokens")
     run_level(engine, 1, 16, 4, args.seed)  # warm-up
     rates = {}
     print(f"{'concurrency':>11} {'output tok/s':>13} {'first token s':>14}")

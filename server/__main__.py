@@ -33,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--served-model-name", help="the model id clients use (default: derived from --model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights and KV cache dtype (default: bfloat16 on CUDA, float32 on CPU)")
+                   help="activations, dense weights and KV cache (default bfloat16; float32 for exact parity)")
+    p.add_argument("--quantization", choices=["auto", "none", "int4"],
+                   help="auto (default): a GGUF's 4-bit tensors stay 4-bit on CPU; none: dense weights; "
+                   "int4: also quantise a float checkpoint at load (CPU)")
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="run the decode step eagerly instead of compiling it")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--max-model-len", type=int, help="tokens per sequence, prompt and output (default 2048)")
     p.add_argument("--max-num-seqs", type=int, help="sequences decoding at once = KV cache slots (default 32)")
@@ -82,9 +87,11 @@ def build_engine(config: EngineConfig):
     from server.engine import LLMEngine
 
     torch.manual_seed(config.seed)
-    loaded = load(config.model, device=config.device, dtype=config.torch_dtype, max_seq_len=config.max_model_len)
-    log.info("loaded %s (%.0fM parameters, %s on %s) in %.2f s", loaded.source, loaded.config.num_params / 1e6,
-             config.torch_dtype, config.device, loaded.load_seconds)
+    loaded = load(config.model, device=config.device, dtype=config.torch_dtype, max_seq_len=config.max_model_len,
+                  quantization=config.quantization)
+    log.info("loaded %s (%.0fM parameters, %s on %s, quantization %s) in %.2f s", loaded.source,
+             loaded.config.num_params / 1e6, config.torch_dtype, config.device, loaded.quantization,
+             loaded.load_seconds)
     return AsyncEngine(LLMEngine(loaded, config))  # the runner logs the KV cache's size
 
 
@@ -94,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     from server.api import ServerState, create_app
 
     engine_config, server = resolve_settings(argv)
+    from server.decode_step import use_persistent_compile_cache
+
+    use_persistent_compile_cache()
     logging.basicConfig(level=server["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState(server["served_model_name"], api_key=server["api_key"])
     app = create_app(state, lambda: build_engine(engine_config))

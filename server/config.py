@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.quant import QUANTIZATIONS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -13,7 +15,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineConfig:
     model: str | None = None              # None: the embedded SmolLM2-135M-Instruct GGUF
     device: str = "cpu"
-    dtype: str | None = None              # None: bfloat16 on CUDA, float32 on CPU
+    dtype: str | None = None              # None: bfloat16 (float32 is the exact-parity choice)
+    quantization: str = "auto"            # auto: int4 for a GGUF with 4-bit tensors on CPU; none; int4
+    enforce_eager: bool = False           # True: no compiled decode step (what the parity tests compare with)
     max_model_len: int = 2048             # prompt + output tokens of one sequence; the KV slot's length
     max_num_seqs: int = 32                # sequences running at once; the number of KV slots
     max_num_batched_tokens: int = 512     # tokens in one forward pass (decodes + prefill chunks)
@@ -24,6 +28,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -31,9 +37,9 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs, so every running "
                              "sequence can decode in each step")
         torch.device(self.device)  # raises on a malformed device string
+        if self.quantization == "int4" and torch.device(self.device).type != "cpu":
+            raise ValueError("--quantization int4 runs on torch's CPU kernels; on a GPU use --quantization none")
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype is not None:
-            return DTYPES[self.dtype]
-        return torch.bfloat16 if torch.device(self.device).type == "cuda" else torch.float32
+        return DTYPES[self.dtype or "bfloat16"]

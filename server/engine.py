@@ -50,7 +50,7 @@ class LLMEngine:
         self.model_config = loaded.config
         self.max_model_len = min(config.max_model_len, loaded.model.max_seq_len)
         self.runner = ModelRunner(loaded.model, config.max_num_seqs, self.max_model_len, config.device,
-                                  config.torch_dtype)
+                                  compile_decode=not config.enforce_eager)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                                    prefix_reuse=config.enable_prefix_caching)
         self.requests: dict[str, _Request] = {}

@@ -9,6 +9,7 @@ import torch
 from model.batch import ForwardBatch, SequenceChunk
 from model.kv_cache import KVCache
 from model.llama import Llama
+from server.decode_step import PreparedDecode
 from server.output import TokenLogprob
 from server.sampler import Sampler, SampleRow, SamplerOutput
 from server.scheduler import ScheduledBatch
@@ -19,12 +20,21 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: Llama, num_slots: int, max_model_len: int, device: torch.device | str,
-                 dtype: torch.dtype):
+                 compile_decode: bool = False):
         self.model = model
         self.device = torch.device(device)
+        dtype = model.model.embed_tokens.weight.dtype  # the activations' dtype, whatever the linears store
         self.cache = KVCache(model.config, num_slots, max_model_len, dtype=dtype, device=self.device)
         self.sampler = Sampler(num_slots, model.config.vocab_size, self.device)
-        log.info("KV cache: %d slots x %d tokens, %.1f MiB", num_slots, max_model_len, self.cache.nbytes / 2**20)
+        log.info("KV cache: %d slots x %d tokens, %s, %.1f MiB", num_slots, max_model_len, dtype,
+                 self.cache.nbytes / 2**20)
+        self.decode_step = None
+        if compile_decode:
+            if self.device.type != "cpu":
+                log.info("the compiled decode step is CPU-only for now; decoding eagerly on %s", self.device)
+            else:
+                step = PreparedDecode(model, self.cache, num_slots, self.device)
+                self.decode_step = step if step.prepare() else None
 
     def start_sequence(self, seq: Sequence) -> None:
         seq.generator = self.sampler.start_sequence(seq.slot, seq.prompt_ids, seq.params, seq.index)
@@ -37,9 +47,14 @@ class ModelRunner:
         """Run the batch; return the samples of the chunks that end their sequence (in chunk order)."""
         for src, dst, n in batch.copies:
             self.fork_cache(src, dst, n)
-        chunks = [SequenceChunk(c.seq.slot, c.start, c.token_ids, all_logits=self._wants_prompt_logprobs(c))
-                  for c in batch.chunks]
-        logits = self.model(ForwardBatch.build(chunks, self.device), self.cache)  # [M, vocab]
+        chunks = [SequenceChunk(c.seq.slot, c.start, c.token_ids, all_logits=self._wants_prompt_logprobs(c),
+                                decode=c.decode) for c in batch.chunks]
+        if self.decode_step is not None and all(c.decode for c in chunks):
+            self._check_positions(batch)
+            logits = self.decode_step.run([c.token_ids[0] for c in chunks], [c.start for c in chunks],
+                                          [c.slot for c in chunks])  # [B, vocab]
+        else:
+            logits = self.model(ForwardBatch.build(chunks, self.device), self.cache)  # [M, vocab]
 
         sample_rows, rows, offset = [], [], 0
         for scheduled, chunk in zip(batch.chunks, chunks):
@@ -55,6 +70,12 @@ class ModelRunner:
             return None
         index = torch.tensor(sample_rows, device=self.device)
         return self.sampler.sample(logits.index_select(0, index), rows)
+
+    def _check_positions(self, batch: ScheduledBatch) -> None:
+        """What the eager forward checks, for the compiled step (which cannot)."""
+        limit = min(self.model.max_seq_len, self.cache.max_seq_len)
+        if any(c.start >= limit for c in batch.chunks):
+            raise ValueError(f"a position is beyond the model's or the cache's maximum length ({limit})")
 
     @staticmethod
     def _wants_prompt_logprobs(chunk) -> bool:

@@ -29,10 +29,16 @@ class ScheduledChunk:
     start: int                    # position of the first token
     samples: bool                 # the chunk reaches the sequence's end, so its last logits are sampled
 
+    @property
+    def decode(self) -> bool:
+        """One generated token; prompt tokens never are, however they are chunked, so a token's arithmetic
+        (packed or dense weights) never depends on what else is in the batch."""
+        return self.start >= self.seq.num_prompt
+
 
 @dataclass
 class ScheduledBatch:
-    chunks: list[ScheduledChunk]                                      # single-token chunks first
+    chunks: list[ScheduledChunk]                                      # decode chunks first
     copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src slot, dst slot, tokens) to fork
     admitted: list[Sequence] = field(default_factory=list)            # took a slot this step
 
@@ -107,9 +113,9 @@ class Scheduler:
             tokens = seq.uncomputed()[:budget]
             batch.chunks.append(self._chunk(seq, tokens))
             budget -= len(tokens)
-        # Single-token chunks first (the model's decode group), in slot order: the lowest free slot is always
-        # taken, so running sequences tend to hold consecutive slots, which attention reads without a gather.
-        batch.chunks.sort(key=lambda c: (len(c.token_ids) > 1, c.seq.slot))
+        # Decode chunks first (the model's decode group), in slot order: the lowest free slot is always taken,
+        # so running sequences tend to hold consecutive slots, which attention reads without a gather.
+        batch.chunks.sort(key=lambda c: (not c.decode, c.seq.slot))
         return batch
 
     def _take_slot(self, seq: Sequence) -> int:

@@ -101,7 +101,7 @@ def run_uvicorn(app) -> Iterator[str]:
 
 
 def make_engine(loaded: LoadedModel, **config) -> AsyncEngine:
-    return AsyncEngine(LLMEngine(loaded, EngineConfig(**config)))
+    return AsyncEngine(LLMEngine(loaded, EngineConfig(enforce_eager=True, **config)))
 
 
 @contextmanager

@@ -112,7 +112,8 @@ def test_completion_prompt_forms(smol_server, smollm, form):
 
 def test_completion_temperature_zero_equals_the_engine(smol_server, smollm):
     prompt = "Once upon a time, in a small village,"
-    engine = LLMEngine(smollm, EngineConfig(max_model_len=128, max_num_seqs=1, max_num_batched_tokens=64))
+    engine = LLMEngine(smollm, EngineConfig(enforce_eager=True, max_model_len=128, max_num_seqs=1,
+                                            max_num_batched_tokens=64))
     engine.add_request("direct", smollm.tokenizer.encode_prompt(prompt), SamplingParams(temperature=0, max_tokens=16))
     text, finish = "", None
     while engine.has_work():

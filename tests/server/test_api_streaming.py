@@ -141,6 +141,7 @@ def test_cli_starts_serves_and_shuts_down_gracefully(tmp_path):
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--max-model-len", "512",
+                             "--enforce-eager",
                              "--max-num-seqs", "4", "--shutdown-grace-seconds", str(grace), "--log-level", "warning"],
                             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

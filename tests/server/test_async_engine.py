@@ -16,7 +16,7 @@ from server.scheduler import EngineOverloaded
 
 @pytest.fixture
 def engine(tiny_llama3):
-    engine = AsyncEngine(LLMEngine(tiny_llama3, EngineConfig(max_model_len=256, max_num_seqs=20,
+    engine = AsyncEngine(LLMEngine(tiny_llama3, EngineConfig(enforce_eager=True, max_model_len=256, max_num_seqs=20,
                                                              max_num_batched_tokens=256, max_waiting=40)))
     yield engine
     engine.shutdown()
@@ -96,7 +96,7 @@ def test_refusals_surface_to_the_caller_and_leave_nothing_behind(engine):
 
 
 def test_stream_deltas_concatenate_to_the_final_text(smollm):
-    engine = AsyncEngine(LLMEngine(smollm, EngineConfig(max_model_len=256, max_num_seqs=4)))
+    engine = AsyncEngine(LLMEngine(smollm, EngineConfig(enforce_eager=True, max_model_len=256, max_num_seqs=4)))
     try:
         prompt = smollm.tokenizer.encode("Emoji and accents: café 🙂 naïve 日本語. Continue:")
         params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=["\n\n"])
@@ -124,7 +124,7 @@ def test_stream_deltas_concatenate_to_the_final_text(smollm):
 
 
 def test_generate_after_shutdown_is_refused(tiny_llama3):
-    engine = AsyncEngine(LLMEngine(tiny_llama3, EngineConfig(max_model_len=64, max_num_seqs=2)))
+    engine = AsyncEngine(LLMEngine(tiny_llama3, EngineConfig(enforce_eager=True, max_model_len=64, max_num_seqs=2)))
     engine.shutdown()
 
     async def main():

@@ -33,7 +33,8 @@ MAX_MODEL_LEN = 256
 @pytest.fixture(scope="module")
 def bench_server(smollm):
     """The real app on a free loopback port, served by uvicorn on a thread."""
-    engine = LLMEngine(smollm, EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=8, max_num_batched_tokens=256))
+    engine = LLMEngine(smollm, EngineConfig(enforce_eager=True, max_model_len=MAX_MODEL_LEN, max_num_seqs=8,
+                                            max_num_batched_tokens=256))
     state = ServerState("smollm2", engine=AsyncEngine(engine))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -25,7 +25,7 @@ class Result:
 def make_engine(loaded, **overrides) -> LLMEngine:
     config = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256)
     config.update(overrides)
-    return LLMEngine(loaded, EngineConfig(**config))
+    return LLMEngine(loaded, EngineConfig(enforce_eager=True, **config))
 
 
 def collect(outputs, results: dict) -> None:

@@ -1,0 +1,74 @@
+"""The fast CPU configuration: int4 weights, bfloat16 and the compiled decode step, through the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.batch import ForwardBatch, SequenceChunk
+from model.kv_cache import KVCache
+from model.loading import load
+from server.config import EngineConfig
+from server.engine import LLMEngine
+from server.sampling_params import SamplingParams
+
+from tests.server.test_engine import GREEDY, assert_all_slots_free, prompts, run
+
+
+@pytest.fixture(scope="module")
+def smollm_int4():
+    return load(None, dtype=torch.bfloat16, quantization="auto")
+
+
+def test_auto_quantization_serves_the_gguf_4bit_tensors_as_int4(smollm_int4):
+    assert smollm_int4.quantization == "int4"
+    layer = smollm_int4.model.model.layers[0]
+    assert type(layer.self_attn.q_proj).__name__ == "Int4Linear"
+    assert type(layer.mlp.down_proj).__name__ == "Int4Linear"
+    assert isinstance(smollm_int4.model.lm_head, torch.nn.Linear)  # the tied Q8_0 head stays dense
+
+
+@pytest.mark.slow
+def test_default_configuration_is_batch_invariant_and_compiled(smollm_int4):
+    """16 concurrent greedy requests give exactly what each gives alone, in the configuration `python -m server`
+    runs by default (int4, bfloat16, compiled decode step)."""
+    ids = prompts(smollm_int4.tokenizer, 16)
+    engine = LLMEngine(smollm_int4, EngineConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256))
+    assert engine.runner.decode_step is not None, "the decode step should compile on this machine"
+    together = run(engine, {str(i): (p, GREEDY) for i, p in enumerate(ids)})
+    assert_all_slots_free(engine)
+    for i, p in enumerate(ids):  # one request at a time, in the same engine (compiled once per cache geometry)
+        alone = run(engine, {f"x{i}": (p, GREEDY)})[(f"x{i}", 0)]
+        assert together[(str(i), 0)].token_ids == alone.token_ids, f"prompt {i} differs in a batch"
+        assert len(alone.token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_agrees_with_eager_and_answers(smollm_int4):
+    """Teacher-forced over a real text, the compiled step picks the eager step's next token almost everywhere
+    (bfloat16 fusions round differently, so not bit for bit), and greedy chat still answers correctly."""
+    tok = smollm_int4.tokenizer
+    ids = tok.encode("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+                     "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+                     "from 1887 to 1889. Locally nicknamed La dame de fer, it was constructed as the centrepiece "
+                     "of the 1889 World's Fair.")
+    engine = LLMEngine(smollm_int4, EngineConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256))
+    runner, step = engine.runner, engine.runner.decode_step
+    assert step is not None
+    eager_cache = KVCache(smollm_int4.config, 1, 256, dtype=torch.bfloat16)
+    model = smollm_int4.model
+    model(ForwardBatch.build([SequenceChunk(0, 0, ids[:1])]), eager_cache)
+    model(ForwardBatch.build([SequenceChunk(3, 0, ids[:1])]), runner.cache)
+    agree = 0
+    for position in range(1, len(ids)):
+        eager = model(ForwardBatch.build([SequenceChunk(0, position, [ids[position]], decode=True)]), eager_cache)
+        compiled = step.run([ids[position]], [position], [3])
+        agree += int(eager.argmax(-1) == compiled.argmax(-1))
+        torch.testing.assert_close(compiled, eager, atol=1.0, rtol=0.1)
+    assert agree >= 0.95 * (len(ids) - 1)
+
+    from model.chat_template import render_chat
+    text = render_chat(tok.chat_template, [{"role": "user", "content": "What is the capital of France?"}],
+                       bos_token=tok.bos_token, eos_token=tok.eos_token, add_generation_prompt=True)
+    answer = run(engine, {"r": (tok.encode_prompt(text), SamplingParams(temperature=0.0, max_tokens=32))})
+    assert "Paris" in answer[("r", 0)].text
