@@ -25,7 +25,6 @@ from model.llama import Llama
 log = logging.getLogger(__name__)
 
 
-
 def use_persistent_compile_cache() -> None:
     """Keep Inductor's cache beside the weight cache rather than in /tmp, so that a restart skips the compiler.
     Call before anything compiles; a TORCHINDUCTOR_CACHE_DIR the user set wins."""
@@ -41,12 +40,10 @@ class PreparedDecode:
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.slots = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.lens = torch.zeros(max_batch, dtype=torch.long, device=device)
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
         # The weights never change after loading, so guards on the modules would only cost time every step; a C++
         # wrapper calls the generated kernels without the Python interpreter (1.5 ms a step at batch 1).
         self._compiled = torch.compile(self._forward, fullgraph=True, options={
             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
-        self.ready = False
 
     def _forward(self, input_ids, positions, slots, lens, host) -> torch.Tensor:
         batch = ForwardBatch(input_ids=input_ids, positions=positions, slot_ids=slots, logits_indices=positions,
@@ -58,7 +55,8 @@ class PreparedDecode:
         return next((size for size in self.sizes if size >= n), None)
 
     def prepare(self) -> bool:
-        """Compile (or load from the disk cache) every size; False, with one log line, when that fails."""
+        """Compile (or load from the disk cache) the step, running the smallest and largest sizes on padding rows
+        alone; False, with one log line, when that fails."""
         start = time.perf_counter()
         try:
             for size in sorted({1, self.max_batch}):
@@ -68,7 +66,6 @@ class PreparedDecode:
             log.warning("decode step not compiled (%s: %s); running eagerly", type(e).__name__,
                         str(e).splitlines()[0] if str(e) else "")
             return False
-        self.ready = True
         log.info("decode step compiled for batches of 1 to %d in %.1f s (Inductor cache: %s)", self.max_batch,
                  time.perf_counter() - start, os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"))
         return True

@@ -402,3 +402,32 @@ def test_kv_cache_nbytes(dtype):
     expected = config.num_hidden_layers * 2 * slots * config.num_key_value_heads * max_len * config.head_dim * elem
     assert cache.nbytes == expected
     assert KVCache.bytes_per_token(config, dtype) * slots * max_len == expected
+
+
+def test_float_checkpoint_opts_into_int4_at_load(tmp_path):
+    """`quantization="int4"` on a safetensors checkpoint: every decoder linear becomes packed int4 within half a
+    quantisation step of the checkpoint's weight, the output head stays dense, and generated tokens' logits equal
+    transformers' run with those dequantised weights (up to bfloat16 activations in the int4 layers)."""
+    from model.quant import GROUP_SIZE, Int4Linear
+
+    state = write_checkpoint(tmp_path, LAYOUTS["single-untied"])
+    loaded = load(str(tmp_path), quantization="int4")
+    layers = {name: m for name, m in loaded.model.named_modules() if isinstance(m, Int4Linear)}
+    assert len(layers) == 7 * loaded.config.num_hidden_layers
+    assert isinstance(loaded.model.lm_head, torch.nn.Linear)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    for name, layer in layers.items():
+        weight = state[f"{name}.weight"].float()
+        groups = weight.reshape(weight.shape[0], -1, GROUP_SIZE)
+        step = (groups.amax(-1) - groups.amin(-1)) / 15  # [N, K / 32]
+        error = (layer.dequantize() - weight).abs().reshape_as(groups)
+        assert (error <= step[..., None] / 2 + 0.01 * groups.abs().amax(-1, keepdim=True)).all(), name
+        hf.get_submodule(name).weight.data = layer.dequantize()
+    ids = [128000, 791, 4062, 14198, 39935, 35308, 927, 279, 16053, 5679]
+    cache = KVCache(loaded.config, 1, 64)  # every token as a generated one, so every token meets the int4 weights
+    ours = torch.cat([loaded.model(ForwardBatch.build([SequenceChunk(0, i, ids[i:i + 1], decode=True)]), cache)
+                      for i in range(len(ids))])
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0]
+    ratio = ((ours - expected).norm() / expected.norm()).item()
+    assert ratio < 0.02, ratio
