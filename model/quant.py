@@ -154,12 +154,12 @@ def quantize_model(model: nn.Module, codes: dict[str, tuple[torch.Tensor, torch.
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or (only is not None and name not in only):
             continue
-        dense = module.weight.detach().to(torch.bfloat16) if keep_dense else None
+        weight = module.weight.detach()
         if f"{name}.weight" in codes:
+            dense = weight.to(torch.bfloat16) if keep_dense else None
             layer, how = Int4Linear.from_codes(*codes[f"{name}.weight"], dense_weight=dense), "int4 as stored"
         elif quantize_others:
-            layer, how = Int4Linear.quantize(module.weight.detach()), "int4 quantised at load"
-            layer.dense_weight = None if dense is None else nn.Parameter(dense, requires_grad=False)
+            layer, how = Int4Linear.quantize(weight, keep_dense=keep_dense), "int4 quantised at load"
         else:
             continue
         parent, _, leaf = name.rpartition(".")
