@@ -1,7 +1,7 @@
 """Engine throughput with continuous batching: aggregate output tokens/s at several concurrency levels.
 
     python bench/engine_bench.py [--model PATH] [--concurrency 1 4 16 32] [--prompt-len 128] [--output-len 128]
-                                 [--quantization auto|none|int4] [--enforce-eager] [--max-model-len N]
+                                 [--quantization auto|none|int4|int8] [--enforce-eager] [--max-model-len N]
 
 For each level, `concurrency` requests of `--prompt-len` random tokens each generate exactly `--output-len`
 tokens (ignore_eos) through one `LLMEngine`; throughput is output tokens over wall time, prefill included.
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int4"])
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"])
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--prompt-len", type=int, default=128)

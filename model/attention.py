@@ -108,14 +108,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_proj = None  # q, k and v fused into one packed layer, when they are packed (see model.quant.fuse)
         self.impl = "sdpa"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         N, B = x.shape[0], batch.num_decode
-        q = apply_rope(project(self.q_proj, x, B).view(N, self.num_heads, self.head_dim), cos, sin)     # [N, H, D]
-        k = apply_rope(project(self.k_proj, x, B).view(N, self.num_kv_heads, self.head_dim), cos, sin)  # [N, Hkv, D]
-        v = project(self.v_proj, x, B).view(N, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x, B).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                                                 self.num_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = project(self.q_proj, x, B), project(self.k_proj, x, B), project(self.v_proj, x, B)
+        q = apply_rope(q.view(N, self.num_heads, self.head_dim), cos, sin)     # [N, H, D]
+        k = apply_rope(k.view(N, self.num_kv_heads, self.head_dim), cos, sin)  # [N, Hkv, D]
+        v = v.view(N, self.num_kv_heads, self.head_dim)
         reference = self.impl == "reference"
         if not batch.prefills:  # decode only: the shape a compiled step sees
             out = decode_attention(q, k, v, k_cache, v_cache, batch.decode_slots, batch.positions,

@@ -239,24 +239,31 @@ def load_gguf_state_dict(path: str | PathLike, dtype: torch.dtype = torch.float3
 
 
 INT4_TYPES = {Q.Q4_0: "Q4_0", Q.Q4_1: "Q4_1"}
+PACKED_TYPES = {**INT4_TYPES, Q.Q8_0: "Q8_0"}
 
 
-def gguf_int4_weights(path: str | PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The 4-bit linear weights of a GGUF file as they are stored: HF name -> (codes, scales, zeros) for
-    `model.quant.Int4Linear.from_codes`, Q/K rows un-permuted like the dequantised weights. Only Q4_0 and
-    Q4_1 tensors map exactly; the others are left out (the caller keeps them dense). The embedding is
-    left out too: it is looked up, not multiplied."""
-    from model.quant import gguf_q4_codes
+def gguf_packed_weights(path: str | PathLike) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The linear weights of a GGUF file that map exactly onto packed layers, as they are stored: HF name ->
+    (codes, scales, offsets) of a Q4_0/Q4_1 tensor, or (codes, scales) of a Q8_0 one (see `model.quant`),
+    Q/K rows un-permuted like the dequantised weights. Other types are left out (the caller keeps them dense).
+    A tied embedding is offered as the output head's weight (the embedding itself is looked up, not multiplied)."""
+    from model.quant import gguf_q4_codes, gguf_q8_codes
 
     file = GGUFFile(path)
-    plan = _tensor_plan(config_from_gguf(file))
+    config = config_from_gguf(file)
+    plan = _tensor_plan(config)
     _check_tensors(file, plan)
     weights = {}
     for name, (hf_name, _, rotary_heads) in plan.items():
         info = file.tensors[name]
-        if info.qtype not in INT4_TYPES or hf_name == "model.embed_tokens.weight":
+        if info.qtype not in PACKED_TYPES:
             continue
-        parts = gguf_q4_codes(file.tensor_bytes(info), INT4_TYPES[info.qtype])
+        if hf_name == "model.embed_tokens.weight":
+            if not config.tie_word_embeddings:
+                continue
+            hf_name = "lm_head.weight"
+        raw = file.tensor_bytes(info)
+        parts = gguf_q8_codes(raw) if info.qtype == Q.Q8_0 else gguf_q4_codes(raw, PACKED_TYPES[info.qtype])
         if rotary_heads is not None:
             parts = tuple(_unpermute_rotary(t, rotary_heads) for t in parts)
         weights[hf_name] = parts

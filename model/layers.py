@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.quant import Int4Linear
+from model.quant import PackedLinear
 
 
 class RMSNorm(nn.Module):
@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
 
 def project(linear: nn.Module, x: torch.Tensor, num_decode: int) -> torch.Tensor:
     """`linear(x)`; a quantised linear also learns which leading rows are decode rows (see model/quant.py)."""
-    if isinstance(linear, Int4Linear):
+    if isinstance(linear, PackedLinear):
         return linear(x, num_decode)
     return linear(x)
 
@@ -37,7 +37,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_up_proj = None  # gate and up fused into one packed layer, when they are packed
 
     def forward(self, x: torch.Tensor, num_decode: int | None = None) -> torch.Tensor:
-        hidden = F.silu(project(self.gate_proj, x, num_decode)) * project(self.up_proj, x, num_decode)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x, num_decode).chunk(2, dim=-1)
+        else:
+            gate, up = project(self.gate_proj, x, num_decode), project(self.up_proj, x, num_decode)
+        hidden = F.silu(gate) * up
         return project(self.down_proj, hidden, num_decode)

@@ -19,7 +19,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.llama import Llama
-from model.quant import QUANTIZATIONS, quantize_model
+from model.quant import QUANTIZATIONS, fuse, quantize_model
 
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
@@ -137,16 +137,17 @@ def load(source: str | Path | None = None, *, device: torch.device | str = "cpu"
          revision: str | None = None, quantization: str = "none") -> LoadedModel:
     """Load a model by what `source` names: None (the embedded default), a .gguf file, a directory, a repo id.
 
-    `quantization`: "none" keeps every weight dense in `dtype`; "int4" serves linear layers with packed 4-bit
-    weights (CPU only): a GGUF's Q4_0/Q4_1 tensors exactly as stored, a float checkpoint's quantised at load
-    (see `model.quant.quantize_model`); "auto" is int4 for a GGUF with such tensors on CPU, else none."""
+    `quantization`: "none" keeps every weight dense in `dtype`; "int4" and "int8" serve linear layers from packed
+    4- or 8-bit codes (CPU only): a GGUF's Q4_0, Q4_1 and Q8_0 tensors exactly as stored, other float weights
+    quantised at load to that many bits (see `model.quant.quantize_model`); "auto" serves a GGUF's packed
+    tensors as stored on CPU, and quantises nothing else."""
     from model.default import default_gguf_path
     from model.hub import looks_like_repo_id, resolve_repo
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
-    if quantization == "int4" and torch.device(device).type != "cpu":
-        raise ValueError("--quantization int4 runs on torch's CPU kernels; on a GPU use --quantization none")
+    if quantization in ("int4", "int8") and torch.device(device).type != "cpu":
+        raise ValueError(f"--quantization {quantization} runs on CPU kernels; on a GPU use --quantization none")
     start = time.perf_counter()
     kwargs = dict(device=device, dtype=dtype, max_seq_len=max_seq_len)
     path = Path(source) if source is not None else default_gguf_path()
@@ -163,34 +164,47 @@ def load(source: str | Path | None = None, *, device: torch.device | str = "cpu"
         raise ValueError(f"model {str(source)!r} is neither a file, a directory nor a Hugging Face repo id")
     model, tokenizer, config = loaded
     if quantization == "auto":
-        quantization = "int4" if torch.device(device).type == "cpu" and _has_int4_tensors(path) else "none"
-    if quantization == "int4":
-        _quantize(model, path if path.is_file() else None)
+        quantization = "packed" if torch.device(device).type == "cpu" and _has_packed_tensors(path) else "none"
+    if quantization != "none":
+        _quantize(model, path if path.is_file() else None, {"int4": 4, "int8": 8}.get(quantization))
     return LoadedModel(model, tokenizer, config, str(source if source is not None else path),
                        time.perf_counter() - start, quantization)
 
 
-def _has_int4_tensors(path: Path) -> bool:
-    from model.gguf import INT4_TYPES
+def _names(model: nn.Module, *modules: nn.Module) -> list[str]:
+    names = {id(m): name for name, m in model.named_modules()}
+    return [names.get(id(m), "") for m in modules]
+
+
+def _has_packed_tensors(path: Path) -> bool:
+    from model.gguf import PACKED_TYPES
     from model.gguf_file import GGUFFile
 
-    return path.is_file() and any(t.qtype in INT4_TYPES for t in GGUFFile(path).tensors.values())
+    return path.is_file() and any(t.qtype in PACKED_TYPES for t in GGUFFile(path).tensors.values())
 
 
-def _quantize(model: Llama, gguf_path: Path | None) -> None:
-    from model.gguf import gguf_int4_weights, gguf_tensor_types
+def _quantize(model: Llama, gguf_path: Path | None, bits: int | None) -> None:
+    """Packed layers: a GGUF's packed tensors as stored, then float weights quantised to `bits` (None: kept dense).
+    A float checkpoint's output head is quantised to 8 bits at most: at 4 (groups of 32) it changed too many
+    next-token choices (see the README)."""
+    from model.gguf import gguf_packed_weights, gguf_tensor_types
 
-    if gguf_path is None:  # a float checkpoint that opted in
-        blocks = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
-        done = quantize_model(model, None, quantize_others=True, only=blocks)
-        log.info("int4: %d linear layers quantised at load (groups of 32, min/max); the output head stays dense",
-                 len(done))
-        return
-    # An output head the file keeps at 8 bits or more (often the tied embedding) stays dense: quantised to 4 bits
-    # (groups of 32) or to int8 per output feature it changed too many next-token choices (see the README).
-    done = quantize_model(model, gguf_int4_weights(gguf_path), quantize_others=False)
-    types = gguf_tensor_types(gguf_path)
-    dense = sorted({types[f"{name}.weight"] for name, module in model.named_modules()
-                    if isinstance(module, nn.Linear) and name != "lm_head" and f"{name}.weight" in types})
-    log.info("int4: %d linear layers as stored in the GGUF; the output head%s stays dense", len(done),
-             f" and the layers stored as {', '.join(dense)} (no exact 4-bit form)" if dense else "")
+    stored = gguf_packed_weights(gguf_path) if gguf_path is not None else {}
+    done = quantize_model(model, stored, bits, only={name for name, m in model.named_modules()
+                                                     if isinstance(m, nn.Linear) and name != "lm_head"})
+    done |= quantize_model(model, stored, 8 if bits else None, only={"lm_head"})
+    for block in model.model.layers:
+        attention, mlp = block.self_attn, block.mlp
+        if all(name in done for name in _names(model, attention.q_proj, attention.k_proj, attention.v_proj)):
+            attention.qkv_proj = fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+        if all(name in done for name in _names(model, mlp.gate_proj, mlp.up_proj)):
+            mlp.gate_up_proj = fuse([mlp.gate_proj, mlp.up_proj])
+    kinds: dict[str, int] = {}
+    for how in done.values():
+        kinds[how] = kinds.get(how, 0) + 1
+    summary = ", ".join(f"{count} {how}" for how, count in sorted(kinds.items()))
+    dense = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    types = gguf_tensor_types(gguf_path) if gguf_path is not None else {}
+    dense_types = sorted({types[f"{name}.weight"] for name in dense if f"{name}.weight" in types})
+    log.info("packed linear layers: %s; %d left dense%s", summary or "none", len(dense),
+             f" (stored as {', '.join(dense_types)}: no exact packed form)" if dense_types else "")

@@ -34,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model id clients use (default: derived from --model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="activations, dense weights and KV cache (default bfloat16; float32 for exact parity)")
-    p.add_argument("--quantization", choices=["auto", "none", "int4"],
-                   help="auto (default): a GGUF's 4-bit tensors stay 4-bit on CPU; none: dense weights; "
-                   "int4: also quantise a float checkpoint at load (CPU)")
+    p.add_argument("--quantization", choices=["auto", "none", "int4", "int8"],
+                   help="auto (default): a GGUF's Q4_0/Q4_1/Q8_0 tensors stay packed on CPU; none: dense weights; "
+                   "int4, int8: also quantise float weights at load (CPU; the output head to 8 bits at most)")
     p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="run the decode step eagerly instead of compiling it")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")

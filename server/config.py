@@ -16,7 +16,7 @@ class EngineConfig:
     model: str | None = None              # None: the embedded SmolLM2-135M-Instruct GGUF
     device: str = "cpu"
     dtype: str | None = None              # None: bfloat16 (float32 is the exact-parity choice)
-    quantization: str = "auto"            # auto: int4 for a GGUF with 4-bit tensors on CPU; none; int4
+    quantization: str = "auto"            # auto: a GGUF's 4/8-bit tensors as stored on CPU; none; int4; int8
     enforce_eager: bool = False           # True: no compiled decode step (what the parity tests compare with)
     max_model_len: int = 2048             # prompt + output tokens of one sequence; the KV slot's length
     max_num_seqs: int = 32                # sequences running at once; the number of KV slots
@@ -37,8 +37,8 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs, so every running "
                              "sequence can decode in each step")
         torch.device(self.device)  # raises on a malformed device string
-        if self.quantization == "int4" and torch.device(self.device).type != "cpu":
-            raise ValueError("--quantization int4 runs on torch's CPU kernels; on a GPU use --quantization none")
+        if self.quantization in ("int4", "int8") and torch.device(self.device).type != "cpu":
+            raise ValueError(f"--quantization {self.quantization} runs on CPU kernels; on a GPU use --quantization none")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -82,6 +82,96 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+#ifdef __AVX512F__
+#define MAX_G 8 /* query heads per KV head on the vector path */
+
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* The lane sums of 16 vectors, as one vector: out[j] = sum(v[j]), always added in the same order. */
+static inline __m512 sum16(const __m512 *v) {
+    __m512 s[8], w[4], y[2];
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: v[2i] partials in elements 0, 2; v[2i + 1] in 1, 3 */
+        s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per 128-bit lane: the partials of v[4i .. 4i + 3] */
+        w[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0x44), _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0xEE));
+    for (int i = 0; i < 2; i++) /* lanes 0-1 and 2-3 folded */
+        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88), _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], 0x88), _mm512_shuffle_f32x4(y[0], y[1], 0xDD));
+}
+
+/* One task of the bfloat16 path, for D a multiple of 16 and G <= MAX_G: scores 16 keys at a time (each key row
+ * converted once for all G query heads), softmax, then the values, each row converted once. */
+static void attend_task_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values, uint16_t *out,
+                             int64_t L, int64_t G, int64_t D, float scale, float *scratch) {
+    const int64_t C = D / 16;
+    float *qf = scratch, *scores = qf + G * D;                 /* [G, D], then [G, L rounded up to 16] */
+    const int64_t Lp = (L + 15) / 16 * 16;
+    for (int64_t i = 0; i < G * D; i++) qf[i] = bf16_to_float(q[i]) * scale;
+    for (int64_t l0 = 0; l0 < L; l0 += 16) {
+        __m512 part[MAX_G][16];
+        for (int j = 0; j < 16; j++) {
+            for (int64_t g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps();
+            if (l0 + j >= L) continue;
+            const uint16_t *row = keys + (l0 + j) * D;
+            for (int64_t o = 0; o < 2 * D; o += 64) { /* 16 rows ahead, and the values for later: both in flight */
+                _mm_prefetch((const char *)(row + 16 * D) + o, _MM_HINT_T0);
+                _mm_prefetch((const char *)(values + (l0 + j) * D) + o, _MM_HINT_T1);
+            }
+#ifdef __AVX512BF16__
+            if (D % 32 == 0) { /* bfloat16 pairs multiplied exactly, summed in float32 */
+                for (int64_t c = 0; c < D / 32; c++) {
+                    const __m512bh k = (__m512bh)_mm512_loadu_si512(row + 32 * c);
+                    for (int64_t g = 0; g < G; g++)
+                        part[g][j] = _mm512_dpbf16_ps(part[g][j], (__m512bh)_mm512_loadu_si512(q + g * D + 32 * c), k);
+                }
+                continue;
+            }
+#endif
+            for (int64_t c = 0; c < C; c++) {
+                const __m512 k = bf16x16(row + 16 * c);
+                for (int64_t g = 0; g < G; g++)
+                    part[g][j] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + 16 * c), k, part[g][j]);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) _mm512_storeu_ps(scores + g * Lp + l0, sum16(part[g]));
+    }
+#ifdef __AVX512BF16__
+    if (D % 32 == 0) /* the scale, applied to the sums rather than to q (which stays exact in bfloat16) */
+        for (int64_t i = 0; i < G * Lp; i++) scores[i] *= scale;
+#endif
+    for (int64_t g = 0; g < G; g++) {
+        float *sc = scores + g * Lp, top = sc[0], total = 0.0f;
+        for (int64_t l = 1; l < L; l++) top = sc[l] > top ? sc[l] : top;
+        for (int64_t l = 0; l < L; l++) sc[l] = exp_nonpositive(sc[l] - top);
+        for (int64_t l = 0; l < L; l++) total += sc[l];
+        const float inverse = 1.0f / total;
+        for (int64_t l = 0; l < L; l++) sc[l] *= inverse;
+    }
+    const int64_t CB = G <= 4 ? 4 : 2; /* 16-wide chunks of a value row per pass: G x CB accumulators */
+    for (int64_t c0 = 0; c0 < C; c0 += CB) {
+        const int64_t cn = C - c0 < CB ? C - c0 : CB;
+        __m512 acc[MAX_G][4];
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t c = 0; c < cn; c++) acc[g][c] = _mm512_setzero_ps();
+        for (int64_t l = 0; l < L; l++) {
+            for (int64_t c = 0; c < cn; c++) {
+                const __m512 v = bf16x16(values + l * D + 16 * (c0 + c));
+                for (int64_t g = 0; g < G; g++)
+                    acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * Lp + l]), v, acc[g][c]);
+            }
+        }
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t c = 0; c < cn; c++) {
+                float lanes[16];
+                _mm512_storeu_ps(lanes, acc[g][c]);
+                for (int i = 0; i < 16; i++) out[g * D + 16 * (c0 + c) + i] = float_to_bf16(lanes[i]);
+            }
+    }
+}
+#endif
+
 static void attend(const void *q, const void *k_new, const void *v_new, void *k, void *v, void *out,
                    const int64_t *slots, const int64_t *lens, int64_t B, int64_t Hkv, int64_t G, int64_t D,
                    int64_t slot_stride, int64_t head_stride, float scale, int bf16) {
@@ -97,6 +187,15 @@ static void attend(const void *q, const void *k_new, const void *v_new, void *k,
             char *keys = (char *)k + elem * base, *values = (char *)v + elem * base;
             memcpy(keys + elem * (L - 1) * D, (const char *)k_new + elem * (b * Hkv + h) * D, elem * (size_t)D);
             memcpy(values + elem * (L - 1) * D, (const char *)v_new + elem * (b * Hkv + h) * D, elem * (size_t)D);
+#ifdef __AVX512F__
+            if (bf16 && D % 16 == 0 && G <= MAX_G) {
+                float *scratch = malloc(sizeof(float) * (size_t)(G * D + G * ((L + 15) / 16 * 16)));
+                attend_task_bf16((const uint16_t *)q + task, (const uint16_t *)keys, (const uint16_t *)values,
+                                 (uint16_t *)out + task, L, G, D, scale, scratch);
+                free(scratch);
+                continue;
+            }
+#endif
             float *qf = malloc(sizeof(float) * (size_t)(3 * G * D + D + G * L));
             float *acc = qf + G * D, *row = acc + G * D, *tmp = row + D, *scores = tmp + G * D;
             load_row((const char *)q + elem * task, bf16, G * D, qf);

@@ -406,16 +406,23 @@ def test_kv_cache_nbytes(dtype):
 
 def test_float_checkpoint_opts_into_int4_at_load(tmp_path):
     """`quantization="int4"` on a safetensors checkpoint: every decoder linear becomes packed int4 within half a
-    quantisation step of the checkpoint's weight, the output head stays dense, and generated tokens' logits equal
-    transformers' run with those dequantised weights (up to bfloat16 activations in the int4 layers)."""
-    from model.quant import GROUP_SIZE, Int4Linear
+    quantisation step of the checkpoint's weight, the output head int8, and generated tokens' logits equal
+    transformers' run with those dequantised weights (up to bfloat16 activations in the packed layers)."""
+    from model.quant import GROUP_SIZE, Int4Linear, Int8Linear
 
     state = write_checkpoint(tmp_path, LAYOUTS["single-untied"])
     loaded = load(str(tmp_path), quantization="int4")
     layers = {name: m for name, m in loaded.model.named_modules() if isinstance(m, Int4Linear)}
+    fused = {name for name in layers if name.endswith(("qkv_proj", "gate_up_proj"))}
+    assert len(fused) == 2 * loaded.config.num_hidden_layers
+    layers = {name: m for name, m in layers.items() if name not in fused}
     assert len(layers) == 7 * loaded.config.num_hidden_layers
-    assert isinstance(loaded.model.lm_head, torch.nn.Linear)
+    assert isinstance(loaded.model.lm_head, Int8Linear)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    head = state["lm_head.weight"].float()
+    step = head.reshape(head.shape[0], -1, GROUP_SIZE).abs().amax(-1).repeat_interleave(GROUP_SIZE, 1) / 127
+    assert ((loaded.model.lm_head.dequantize() - head).abs() <= step / 2 + 1e-6).all()
+    hf.lm_head.weight.data = loaded.model.lm_head.dequantize()
     for name, layer in layers.items():
         weight = state[f"{name}.weight"].float()
         groups = weight.reshape(weight.shape[0], -1, GROUP_SIZE)
