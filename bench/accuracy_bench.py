@@ -4,8 +4,8 @@
 
 The reference is the model with dense float32 weights (`--dtype float32 --quantization none`), run over each
 text in one teacher-forced pass. The fast configuration (bfloat16, `--quantization auto`) is measured on both of
-its paths: prompt tokens (dense bfloat16 weights, one prefill pass) and generated tokens (packed int4 weights,
-one compiled decode step per token, as when serving). Figures: top-1 agreement (the same next token) and mean
+its paths: prompt tokens (dense bfloat16 weights, one prefill pass) and generated tokens (the packed 4- and 8-bit
+weights as stored, one compiled decode step per token, as when serving). Figures: top-1 agreement (the same next token) and mean
 KL divergence KL(reference || fast) over every position, per text and overall. The texts are varied and ship
 with Python itself or this repository: prose and legal text, Markdown, source code, a chat transcript.
 """
