@@ -47,7 +47,7 @@ class ServerState:
 
     def set_engine(self, engine: AsyncEngine) -> None:
         self.completions = CompletionServing(engine, self.served_model_name, self.metrics)
-        self.chat = ChatServing(engine, self.served_model_name, self.metrics)
+        self.chat = ChatServing(engine, self.served_model_name, self.metrics, self.completions.grammars)
         self.engine = engine
 
     def ready(self) -> AsyncEngine:

@@ -22,6 +22,10 @@ class PromptTooLong(ParamError):
     pass
 
 
+class GrammarViolation(RuntimeError):
+    """A constrained sequence reached a point where its grammar allows no token: it ends with this error."""
+
+
 @dataclass
 class EngineStats:
     running: int
@@ -78,6 +82,10 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         eos = self.tokenizer.eos_token_ids
         seqs = [Sequence(request_id, i, list(prompt_ids), params, max_tokens, eos) for i in range(params.n)]
+        if params.grammar is not None:  # one matcher per sample, so that n > 1 samples differ freely
+            import xgrammar
+            for seq in seqs:
+                seq.matcher = xgrammar.GrammarMatcher(params.grammar)
         for child in seqs[1:]:
             child.parent = seqs[0]
         self.scheduler.add(seqs)  # raises EngineOverloaded when the queue is full
@@ -146,6 +154,9 @@ class LLMEngine:
 
     def _append_token(self, request: _Request, seq: Sequence, samples, j: int, now: float) -> SequenceDelta:
         token = samples.token_ids[j]
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise GrammarViolation(f"the output constraint allows no token after {len(seq.output_ids)} generated "
+                                   "tokens (max_tokens or min_tokens may conflict with it)")
         seq.output_ids.append(token)
         self.generation_tokens_total += 1
         if seq.first_token_time is None:

@@ -6,13 +6,16 @@ as OpenAI-compatible servers commonly do. Each request turns itself into `Sampli
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from server import structured
 from server.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams
+from server.structured import GrammarSpec, ToolCallFormat
 
 
 class Strict(BaseModel):
@@ -48,6 +51,48 @@ class SamplingFields(Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: json, regex, choice, grammar, json_object
+    guided_json: dict[str, Any] | str | None = None    # vLLM's older spelling of the same
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The output constraint this request asks for, if any; a 400 naming the field when it is invalid."""
+        specs = []
+        if self.response_format is not None and self.response_format.type != "text":
+            specs.append(self.response_format.spec())
+        outputs = dict(self.structured_outputs or {})
+        for old, new in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                         ("guided_grammar", "grammar")):
+            if getattr(self, old) is not None:
+                outputs[new] = getattr(self, old)
+        kinds = {"json": None, "regex": structured.regex_spec, "choice": structured.choice_spec,
+                 "grammar": structured.ebnf_spec, "json_object": None}
+        for key, value in outputs.items():
+            param = f"structured_outputs.{key}"
+            if key not in kinds:
+                if key in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
+                           "whitespace_pattern") or value is None:
+                    continue
+                raise ParamError(f"unknown structured output {key!r}; use json, regex, choice or grammar", param)
+            if key == "json":
+                if isinstance(value, str):
+                    try:
+                        value = json.loads(value)
+                    except json.JSONDecodeError as e:
+                        raise ParamError(f"the JSON schema is not valid JSON: {e}", param) from None
+                specs.append(structured.json_schema_spec(value, param))
+            elif key == "json_object":
+                if value:
+                    specs.append(structured.json_object_spec(param))
+            else:
+                specs.append(kinds[key](value, param))
+        if len(specs) > 1:
+            raise ParamError("ask for one output constraint at a time (response_format or one structured output)",
+                             specs[1].param)
+        return specs[0] if specs else None
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          prompt_logprobs: int | None = None) -> SamplingParams:
@@ -71,6 +116,27 @@ class SamplingFields(Strict):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
+
+
+class JSONSchemaFormat(Strict):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def spec(self) -> GrammarSpec:
+        if self.type == "json_object":
+            return structured.json_object_spec("response_format")
+        if self.json_schema is None:
+            raise ParamError("response_format of type 'json_schema' needs a 'json_schema' field", "response_format")
+        schema = self.json_schema.schema_
+        return structured.json_schema_spec({} if schema is None else schema, "response_format.json_schema.schema")
 
 
 class CompletionRequest(SamplingFields):
@@ -99,6 +165,8 @@ class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None                 # tool: the call this result answers
 
     def text(self) -> str:
         if not isinstance(self.content, list):
@@ -110,10 +178,6 @@ class ChatMessage(Strict):
         return "\n".join(part.text for part in self.content)
 
 
-class ResponseFormat(Strict):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
@@ -122,13 +186,25 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True  # extension: False continues the last assistant message
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+
+    def tool_grammar(self) -> tuple[GrammarSpec, ToolCallFormat] | None:
+        """The grammar of the tool calls this request allows; None when it allows none."""
+        if self.tools is None:
+            if self.tool_choice not in (None, "none", "auto"):
+                raise ParamError("tool_choice needs tools", "tool_choice")
+            return None
+        structured.check_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if not self.tools:
+            return None
+        tools = structured.tool_spec(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if tools is not None and self.grammar_spec() is not None:
+            raise ParamError("response_format or structured outputs cannot be combined with tool calls; "
+                             "set tool_choice to 'none'", "tool_choice")
+        return tools
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ParamError(f"response_format {self.response_format.type!r} is not supported yet; "
-                             "only 'text'", "response_format")
-        if self.tools:
-            raise ParamError("tools are not supported", "tools")
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs requires logprobs to be true", "top_logprobs")
         # SamplingParams checks these too, but would name its own fields rather than the ones the client sent.
@@ -140,22 +216,47 @@ class ChatCompletionRequest(SamplingFields):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs)
 
-    def template_messages(self) -> list[dict[str, str]]:
+    def template_messages(self) -> list[dict[str, Any]]:
         return template_messages(self.messages)
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as chat templates take them: text content, `developer` read as `system`."""
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates take them: text content, `developer` read as `system`, the arguments of
+    assistant tool calls parsed from their JSON strings to objects (as templates expect)."""
     out = []
     for i, m in enumerate(messages):
         try:
-            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         except ParamError as e:
             raise ParamError(str(e), f"messages.{i}.content") from None
         if m.name:
             message["name"] = m.name
+        if m.role == "tool":
+            if m.tool_call_id is None:
+                raise ParamError("a tool message needs the tool_call_id it answers", f"messages.{i}.tool_call_id")
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls is not None:
+            if m.role != "assistant":
+                raise ParamError("only assistant messages carry tool_calls", f"messages.{i}.tool_calls")
+            message["tool_calls"] = [_template_tool_call(call, f"messages.{i}.tool_calls.{j}")
+                                     for j, call in enumerate(m.tool_calls)]
+            if not m.content:
+                message["content"] = None
         out.append(message)
     return out
+
+
+def _template_tool_call(call: Any, param: str) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ParamError("a tool call needs {'type': 'function', 'function': {'name', 'arguments'}}", param)
+    arguments = function.get("arguments", "{}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ParamError(f"tool call arguments are not valid JSON: {e}", f"{param}.function.arguments") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
 # -- responses ---------------------------------------------------------------------------------------------------
@@ -213,9 +314,21 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -236,9 +349,30 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class _WithoutNone(BaseModel):
+    """Fields left None are left out, as OpenAI's stream leaves them out (the SDK merges deltas key by key)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaFunctionCall(_WithoutNone):
+    name: str | None = None
+    arguments: str
+
+
+class DeltaToolCall(_WithoutNone):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -64,7 +64,8 @@ class ModelRunner:
             if scheduled.samples:
                 seq = scheduled.seq
                 sample_rows.append(offset + n - 1)
-                rows.append(SampleRow(seq.slot, seq.params, seq.generator, len(seq.output_ids), seq.eos_token_ids))
+                rows.append(SampleRow(seq.slot, seq.params, seq.generator, len(seq.output_ids), seq.eos_token_ids,
+                                      seq.matcher))
             offset += n
         if not rows:
             return None

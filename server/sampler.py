@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ class SampleRow:
     generator: torch.Generator | None = None   # from start_sequence; None: the sampler's shared generator
     num_generated: int = 0                     # output tokens so far, for min_tokens
     eos_token_ids: frozenset[int] = frozenset()
+    matcher: Any = None                        # the sequence's grammar matcher, when its output is constrained
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Sampler:
         # Unseeded rows draw from this generator rather than torch's global one, so nothing else in the
         # process perturbs them and a test can fix `seed`.
         self.generator = torch.Generator(device=self.device)
+        self._masks = None  # token bitmasks for constrained rows, made on first use
         if seed is None:
             self.generator.seed()
         else:
@@ -191,6 +194,11 @@ class Sampler:
         raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None        # [B, V]
         slots = self._tensor([row.slot for row in rows], torch.long)                # [B]
         logits = self.process_logits(logits, rows, slots)
+        if any(row.matcher is not None for row in rows):  # grammars: disallowed tokens to -inf, their rows only
+            if self._masks is None:
+                from server.structured import MaskFiller
+                self._masks = MaskFiller(V)
+            self._masks.apply(logits, [row.matcher for row in rows])
         token_ids = self._choose(logits, rows)                                      # [B]
         self.output_counts.index_put_((slots, token_ids), torch.ones_like(token_ids, dtype=torch.int32),
                                       accumulate=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20
 
@@ -36,6 +37,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    grammar: Any = None                  # a compiled grammar (server/structured.py) every sample must follow
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ class Sequence:
     stop_reason: str | int | None = None # the stop string or stop token that ended it
     error: BaseException | None = None
     generator: torch.Generator | None = None
+    matcher: Any = None                  # its grammar's matcher, when the output is constrained
     prompt_logprobs: list | None = None  # filled while prefilling when params.prompt_logprobs is set
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

@@ -16,9 +16,26 @@ from server.errors import APIError, to_api_error
 from server.metrics import Metrics
 from server.output import RequestOutput, TokenLogprob
 from server.sampling_params import ParamError, SamplingParams
+from server.structured import GrammarCompiler, GrammarSpec
 
 log = logging.getLogger("server.requests")
 _DONE = object()
+
+
+class GrammarCompilers:
+    """One grammar compiler per server, built on first use (reading the vocabulary takes about a second)."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self._compiler: GrammarCompiler | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> GrammarCompiler:
+        async with self._lock:
+            if self._compiler is None:
+                vocab_size = self.engine.engine.model_config.vocab_size
+                self._compiler = await asyncio.to_thread(GrammarCompiler, self.engine.tokenizer, vocab_size)
+        return self._compiler
 
 
 @dataclass
@@ -38,11 +55,18 @@ def sse(payload) -> str:
 
 
 class Serving:
-    def __init__(self, engine: AsyncEngine, served_model_name: str, metrics: Metrics):
+    def __init__(self, engine: AsyncEngine, served_model_name: str, metrics: Metrics,
+                 grammars: GrammarCompilers | None = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name = served_model_name
         self.metrics = metrics
+        self.grammars = grammars or GrammarCompilers(engine)
+
+    async def constrain(self, params: SamplingParams, spec: GrammarSpec | None) -> None:
+        """Compile the request's output constraint (off the event loop, cached) into `params.grammar`."""
+        if spec is not None:
+            params.grammar = await (await self.grammars.get()).compile_async(spec)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:

@@ -34,6 +34,7 @@ class CompletionServing(Serving):
         self.check_model(body.model)
         params = body.to_sampling_params()
         prompts = self.prompts(body.prompt)
+        await self.constrain(params, body.grammar_spec())
         request_id, created = new_id("cmpl"), now()
         stream = self.run(prompts, params, request_id)
         if body.stream:
