@@ -316,3 +316,18 @@ def test_scanner_gives_the_same_calls_whatever_the_chunking():
         assert [streamed.get(i, "") for i in range(2)] == [c.arguments for c in calls], size
         assert "".join(v for k, v in events if k == "content") == "Let me check. ", size
         assert [v[1].name for k, v in events if k == "call"] == ["get_weather", "get_time"], size
+
+
+def test_a_grammar_that_allows_nothing_ends_the_request_with_a_clear_error(smol_server):
+    """After "yes" the grammar allows only a stop token, which min_tokens forbids: no token is allowed, so the
+    request fails with an error rather than a garbage token, and the server keeps serving."""
+    with smol_server.http() as http:
+        response = http.post("/v1/completions", json={
+            "model": smol_server.model, "prompt": "Answer:", "max_tokens": 10, "min_tokens": 5, "temperature": 0,
+            "structured_outputs": {"choice": ["yes"]}})
+        error = assert_openai_error(response, 500, code="structured_output_error", type="server_error")
+        assert "allows no token" in error["message"]
+        ok = http.post("/v1/completions", json={"model": smol_server.model, "prompt": "Answer:", "max_tokens": 3,
+                                                "structured_outputs": {"choice": ["yes"]}})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "yes"
+    smol_server.wait_until_idle()
