@@ -37,6 +37,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     prefix_cache_hit_tokens: int
+    prefix_caching: bool = True
 
 
 @dataclass
@@ -208,4 +209,5 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
+            prefix_caching=self.config.enable_prefix_caching,
         )

@@ -1,4 +1,9 @@
-"""Prometheus metrics: engine gauges and counters read from its stats at scrape time, request histograms."""
+"""Prometheus metrics: engine gauges and counters read from its stats at scrape time, request histograms.
+
+Each is exported under our prefix and, where vLLM has the same metric, under vLLM's name too (`vllm:...`, same
+labels and meaning): Kubernetes' Gateway API Inference Extension, llm-d's endpoint picker, KEDA autoscalers and
+vLLM's production-stack router read those names. Scraping only reads numbers the engine thread has published
+(`AsyncEngine.stats()`), so /metrics answers at once however busy the engine is."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from server.engine import EngineStats
 from server.output import RequestOutput
 
 PREFIX = "llama3_server"
+VLLM = "vllm"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
@@ -25,23 +31,34 @@ class _EngineCollector:
             return
         labels = ["model_name"]
 
-        def gauge(name, doc, value):
-            g = GaugeMetricFamily(f"{PREFIX}:{name}", doc, labels=labels)
+        def gauge(name, doc, value, prefix=PREFIX):
+            g = GaugeMetricFamily(f"{prefix}:{name}", doc, labels=labels)
             g.add_metric([self.model_name], value)
             return g
 
-        def counter(name, doc, value):
-            c = CounterMetricFamily(f"{PREFIX}:{name}", doc, labels=labels)
+        def counter(name, doc, value, prefix=PREFIX):
+            c = CounterMetricFamily(f"{prefix}:{name}", doc, labels=labels)
             c.add_metric([self.model_name], value)
             return c
 
-        yield gauge("num_requests_running", "Sequences in the running batch.", s.running)
-        yield gauge("num_requests_waiting", "Sequences waiting for a KV cache slot.", s.waiting)
-        yield gauge("kv_cache_usage_perc", "Fraction of KV cache slots in use.", s.slots_used / s.num_slots)
+        shared = [(gauge, "num_requests_running", "Sequences in the running batch.", s.running),
+                  (gauge, "num_requests_waiting", "Sequences waiting for a KV cache slot.", s.waiting),
+                  (gauge, "kv_cache_usage_perc", "Fraction (0-1) of KV cache slots in use.",
+                   s.slots_used / s.num_slots),
+                  (counter, "prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens_total),
+                  (counter, "generation_tokens", "Tokens generated.", s.generation_tokens_total)]
+        for make, name, doc, value in shared:
+            yield make(name, doc, value)
+            yield make(name, doc, value, prefix=VLLM)
         yield gauge("kv_cache_tokens", "Tokens held in the KV cache.", s.tokens_in_cache)
         yield gauge("kv_cache_capacity_tokens", "Tokens the KV cache can hold.", s.cache_capacity_tokens)
-        yield counter("prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens_total)
-        yield counter("generation_tokens", "Tokens generated.", s.generation_tokens_total)
+        # A cache slot is this server's unit of allocation, as a block is vLLM's: one block of max_model_len tokens.
+        info = GaugeMetricFamily(f"{VLLM}:cache_config_info", "Information of the KV cache configuration.",
+                                 labels=["model_name", "block_size", "num_gpu_blocks", "num_cpu_blocks",
+                                         "enable_prefix_caching"])
+        info.add_metric([self.model_name, str(s.cache_capacity_tokens // max(s.num_slots, 1)), str(s.num_slots), "0",
+                         str(s.prefix_caching).lower()], 1.0)
+        yield info
         yield counter("prefix_cache_hit_tokens", "Prompt tokens whose K/V were reused from a freed slot.",
                       s.prefix_cache_hit_tokens)
 
@@ -54,26 +71,33 @@ class Metrics:
         self.model_name = model_name
         self.registry.register(_EngineCollector(stats, model_name))
         labels = ["model_name"]
-        self.ttft = Histogram(f"{PREFIX}:time_to_first_token_seconds", "Time to first token.", labels,
-                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.tpot = Histogram(f"{PREFIX}:time_per_output_token_seconds", "Mean time per output token after the "
-                              "first, per request.", labels, buckets=TOKEN_LATENCY_BUCKETS, registry=self.registry)
-        self.e2e = Histogram(f"{PREFIX}:e2e_request_latency_seconds", "End-to-end request latency.", labels,
-                             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.finished = Counter(f"{PREFIX}:request_success", "Finished sequences by finish reason.",
-                                labels + ["finished_reason"], registry=self.registry)
+
+        def both(make, name, doc, *args, **kwargs):
+            return [make(f"{prefix}:{name}", doc, *args, registry=self.registry, **kwargs) for prefix in (PREFIX, VLLM)]
+
+        self.ttft = both(Histogram, "time_to_first_token_seconds", "Time to first token.", labels,
+                         buckets=LATENCY_BUCKETS)
+        self.tpot = both(Histogram, "time_per_output_token_seconds", "Mean time per output token after the first, "
+                         "per request.", labels, buckets=TOKEN_LATENCY_BUCKETS)
+        self.e2e = both(Histogram, "e2e_request_latency_seconds", "End-to-end request latency.", labels,
+                        buckets=LATENCY_BUCKETS)
+        self.finished = both(Counter, "request_success", "Finished sequences by finish reason.",
+                             labels + ["finished_reason"])
 
     def observe(self, out: RequestOutput) -> None:
         for d in out.deltas:
             if d.finish_reason:
-                self.finished.labels(self.model_name, d.finish_reason).inc()
+                for c in self.finished:
+                    c.labels(self.model_name, d.finish_reason).inc()
         m = out.metrics
         if not out.finished or m is None:
             return
-        for histogram, value in ((self.ttft, m.time_to_first_token), (self.tpot, m.time_per_output_token),
-                                 (self.e2e, m.e2e_latency)):
+        for histograms, value in ((self.ttft, m.time_to_first_token), (self.tpot, m.time_per_output_token),
+                                  (self.e2e, m.e2e_latency)):
             if value is not None:
-                histogram.labels(self.model_name).observe(value)
+                for h in histograms:
+                    h.labels(self.model_name).observe(value)
 
     def observe_aborted(self, num_sequences: int) -> None:
-        self.finished.labels(self.model_name, "abort").inc(num_sequences)
+        for c in self.finished:
+            c.labels(self.model_name, "abort").inc(num_sequences)

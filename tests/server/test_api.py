@@ -401,6 +401,51 @@ def test_metrics(tiny_server, tiny_llama3):
         assert metric(after, tiny_server, gauge) == 0.0
 
 
+def test_vllm_metric_names_for_the_kubernetes_ecosystem(tiny_server):
+    """The names, types, labels and ranges that the Gateway API Inference Extension, llm-d, KEDA and vLLM's
+    router read, parsed with prometheus_client's own parser, sampled while a request runs and after."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def families():
+        with tiny_server.http() as http:
+            text = http.get("/metrics").text
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+    with tiny_server.http() as http:
+        before = families()
+        stream = http.stream("POST", "/v1/completions", json={"model": tiny_server.model, "prompt": "Hi",
+                                                              "max_tokens": 200, "ignore_eos": True, "stream": True})
+        with stream as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            during = families()
+            for _ in lines:
+                pass
+    tiny_server.wait_until_idle()
+    after = families()
+    expected = {"vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+                "vllm:kv_cache_usage_perc": "gauge", "vllm:time_to_first_token_seconds": "histogram",
+                "vllm:time_per_output_token_seconds": "histogram", "vllm:e2e_request_latency_seconds": "histogram",
+                "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter",
+                "vllm:request_success": "counter", "vllm:cache_config_info": "gauge"}
+    for name, kind in expected.items():
+        assert after[name].type == kind, name
+        assert all(s.labels.get("model_name") == tiny_server.model for s in after[name].samples), name
+
+    def value(fams, name, suffix="", **labels):
+        return next(s.value for s in fams[name].samples
+                    if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert value(during, "vllm:num_requests_running") == 1
+    assert 0 < value(during, "vllm:kv_cache_usage_perc") <= 1
+    assert value(after, "vllm:num_requests_running") == 0 and value(after, "vllm:kv_cache_usage_perc") == 0
+    assert value(after, "vllm:generation_tokens", "_total") - value(before, "vllm:generation_tokens", "_total") == 200
+    assert value(after, "vllm:request_success", "_total", finished_reason="length") >= 1
+    assert value(after, "vllm:e2e_request_latency_seconds", "_count") >= 1
+    info = after["vllm:cache_config_info"].samples[0]
+    assert info.value == 1 and int(info.labels["block_size"]) == 4096 and int(info.labels["num_gpu_blocks"]) == 32
+
+
 def test_follow_up_chat_turn_reuses_the_conversation_prefix(smol_server, smollm):
     """The second turn's prompt starts with the first turn's prompt and answer: only the rest is prefilled,
     and the reply is what the model gives with nothing reused (checked by running it directly)."""
