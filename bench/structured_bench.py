@@ -19,7 +19,8 @@ from server.config import EngineConfig
 from server.decode_step import use_persistent_compile_cache
 from server.engine import LLMEngine
 from server.sampling_params import SamplingParams
-from server.structured import GrammarCompiler, json_schema_spec, tool_spec
+from server.structured import GrammarCompiler, json_schema_spec
+from server.tool_calls import tool_spec
 
 
 def twenty_tools() -> list[dict]:

@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from server import structured
+from server import structured, tool_calls
 from server.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams
-from server.structured import GrammarSpec, ToolCallFormat
+from server.structured import GrammarSpec
+from server.tool_calls import ToolCallFormat
 
 
 class Strict(BaseModel):
@@ -68,27 +69,7 @@ class SamplingFields(Strict):
                          ("guided_grammar", "grammar")):
             if getattr(self, old) is not None:
                 outputs[new] = getattr(self, old)
-        kinds = {"json": None, "regex": structured.regex_spec, "choice": structured.choice_spec,
-                 "grammar": structured.ebnf_spec, "json_object": None}
-        for key, value in outputs.items():
-            param = f"structured_outputs.{key}"
-            if key not in kinds:
-                if key in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
-                           "whitespace_pattern") or value is None:
-                    continue
-                raise ParamError(f"unknown structured output {key!r}; use json, regex, choice or grammar", param)
-            if key == "json":
-                if isinstance(value, str):
-                    try:
-                        value = json.loads(value)
-                    except json.JSONDecodeError as e:
-                        raise ParamError(f"the JSON schema is not valid JSON: {e}", param) from None
-                specs.append(structured.json_schema_spec(value, param))
-            elif key == "json_object":
-                if value:
-                    specs.append(structured.json_object_spec(param))
-            else:
-                specs.append(kinds[key](value, param))
+        specs += structured.structured_outputs_specs(outputs)
         if len(specs) > 1:
             raise ParamError("ask for one output constraint at a time (response_format or one structured output)",
                              specs[1].param)
@@ -195,10 +176,10 @@ class ChatCompletionRequest(SamplingFields):
             if self.tool_choice not in (None, "none", "auto"):
                 raise ParamError("tool_choice needs tools", "tool_choice")
             return None
-        structured.check_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        tool_calls.check_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
         if not self.tools:
             return None
-        tools = structured.tool_spec(self.tools, self.tool_choice, self.parallel_tool_calls)
+        tools = tool_calls.tool_spec(self.tools, self.tool_choice, self.parallel_tool_calls)
         if tools is not None and self.grammar_spec() is not None:
             raise ParamError("response_format or structured outputs cannot be combined with tool calls; "
                              "set tool_choice to 'none'", "tool_choice")

@@ -17,7 +17,7 @@ from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, Chat
                              DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, ToolCall, TopLogprob,
                              Usage, new_id, now)
 from server.serving import Serving, sse
-from server.structured import ToolCallFormat, ToolCallScanner, describe_tools, parse_tool_calls
+from server.tool_calls import ToolCallFormat, ToolCallScanner, describe_tools, parse_tool_calls
 
 
 class ChatServing(Serving):

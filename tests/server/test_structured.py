@@ -11,8 +11,8 @@ import jsonschema
 import pydantic
 import pytest
 
-from server.structured import (CALL_TRIGGER, GrammarCompiler, ToolCallFormat, ToolCallScanner, json_object_spec,
-                               parse_tool_calls, token_bytes)
+from server.structured import GrammarCompiler, json_object_spec, token_bytes
+from server.tool_calls import CALL_TRIGGER, ToolCallFormat, ToolCallScanner, parse_tool_calls
 
 from tests.server.conftest import assert_openai_error
 
