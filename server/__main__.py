@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, help="sequences decoding at once = KV cache slots (default 32)")
     p.add_argument("--max-num-batched-tokens", type=int, help="tokens per forward pass (default 512)")
     p.add_argument("--max-waiting", type=int, help="queued sequences before requests get 503 (default 512)")
+    p.add_argument("--request-timeout", type=float,
+                   help="seconds a request may take from arrival to its last token, queue and prefill included; "
+                   "a request can set its own with the X-Request-Timeout header (default: no limit)")
     p.add_argument("--seed", type=int, help="seed for requests that give none (default 0)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the K/V a freed slot holds for a new prompt's prefix (default on)")

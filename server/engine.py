@@ -22,6 +22,10 @@ class PromptTooLong(ParamError):
     pass
 
 
+class DeadlineExceeded(RuntimeError):
+    """A request ran past its deadline (--request-timeout or X-Request-Timeout); it ends with this error."""
+
+
 class GrammarViolation(RuntimeError):
     """A constrained sequence reached a point where its grammar allows no token: it ends with this error."""
 
@@ -46,6 +50,7 @@ class _Request:
     prompt_ids: list[int]
     seqs: list[Sequence]
     processors: dict[int, OutputProcessor]
+    deadline: float | None = None  # time.monotonic() by which it must finish
 
 
 class LLMEngine:
@@ -91,7 +96,9 @@ class LLMEngine:
             child.parent = seqs[0]
         self.scheduler.add(seqs)  # raises EngineOverloaded when the queue is full
         processors = {s.index: OutputProcessor(self.tokenizer, params, eos) for s in seqs}
-        self.requests[request_id] = _Request(request_id, list(prompt_ids), seqs, processors)
+        timeout = params.timeout if params.timeout is not None else self.config.request_timeout
+        deadline = None if timeout is None else seqs[0].arrival_time + timeout
+        self.requests[request_id] = _Request(request_id, list(prompt_ids), seqs, processors, deadline)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         request = self.requests.pop(request_id, None)
@@ -107,17 +114,26 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
+        expired = self._expire()
         batch = self.scheduler.schedule()
         if not batch.chunks:
-            return []
+            return expired
         try:
             for seq in batch.admitted:
                 self.runner.start_sequence(seq)
             samples = self.runner.execute(batch)
         except Exception as e:  # the whole batch failed: fail its requests, keep serving others
             log.exception("forward pass failed; failing %d request(s)", len(batch.chunks))
-            return [self._fail(rid, e) for rid in {c.seq.request_id for c in batch.chunks}]
-        return self._postprocess(batch, samples)
+            return expired + [self._fail(rid, e) for rid in {c.seq.request_id for c in batch.chunks}]
+        return expired + self._postprocess(batch, samples)
+
+    def _expire(self) -> list[RequestOutput]:
+        """Fail the requests past their deadline, freeing their cache slots before anything is scheduled."""
+        now = time.monotonic()
+        late = [r for r in self.requests.values() if r.deadline is not None and now >= r.deadline]
+        return [self._fail(r.request_id, DeadlineExceeded(
+            f"the request ran past its deadline of {r.deadline - min(s.arrival_time for s in r.seqs):g} s "
+            f"(--request-timeout or the X-Request-Timeout header)")) for r in late]
 
     def _postprocess(self, batch: ScheduledBatch, samples) -> list[RequestOutput]:
         outputs: dict[str, RequestOutput] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from server.async_engine import EngineDead
-from server.engine import GrammarViolation, PromptTooLong
+from server.engine import DeadlineExceeded, GrammarViolation, PromptTooLong
 from server.sampling_params import ParamError
 from server.scheduler import EngineOverloaded
 
@@ -36,6 +36,8 @@ def to_api_error(error: BaseException) -> APIError:
         return APIError(400, str(error), param=error.param)
     if isinstance(error, EngineOverloaded):
         return APIError(503, str(error), type="server_error", code="overloaded")
+    if isinstance(error, DeadlineExceeded):
+        return APIError(408, str(error), type="timeout_error", code="request_timeout")
     if isinstance(error, GrammarViolation):
         return APIError(500, str(error), type="server_error", code="structured_output_error")
     if isinstance(error, EngineDead):

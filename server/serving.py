@@ -63,6 +63,21 @@ class Serving:
         self.metrics = metrics
         self.grammars = grammars or GrammarCompilers(engine)
 
+    @staticmethod
+    def request_timeout(params: SamplingParams, raw: Request) -> None:
+        """A per-request deadline from the X-Request-Timeout header (seconds), over the server's default."""
+        value = raw.headers.get("x-request-timeout")
+        if value is None:
+            return
+        try:
+            params.timeout = float(value)
+        except ValueError:
+            raise APIError(400, "the X-Request-Timeout header must be a number of seconds",
+                           param="X-Request-Timeout") from None
+        if not 0 < params.timeout <= 86400:
+            raise APIError(400, "the X-Request-Timeout header must be between 0 and 86400 seconds",
+                           param="X-Request-Timeout")
+
     async def constrain(self, params: SamplingParams, spec: GrammarSpec | None) -> None:
         """Compile the request's output constraint (off the event loop, cached) into `params.grammar`."""
         if spec is not None:

@@ -43,6 +43,7 @@ class ChatServing(Serving):
     async def create(self, body: ChatCompletionRequest, raw: Request):
         self.check_model(body.model)
         params = body.to_sampling_params()
+        self.request_timeout(params, raw)
         tools = body.tool_grammar()
         spec, call_format = tools if tools is not None else (body.grammar_spec(), None)
         rendered_tools = body.tools if body.tools and body.tool_choice != "none" else None

@@ -33,6 +33,7 @@ class CompletionServing(Serving):
     async def create(self, body: CompletionRequest, raw: Request):
         self.check_model(body.model)
         params = body.to_sampling_params()
+        self.request_timeout(params, raw)
         prompts = self.prompts(body.prompt)
         await self.constrain(params, body.grammar_spec())
         request_id, created = new_id("cmpl"), now()
