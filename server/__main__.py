@@ -21,6 +21,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENV = "LLAMA3_SERVER_API_KEY"
 
 SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "served_model_name": None, "api_key": None,
+                   "api_key_file": None, "metrics_public": False, "allowed_origins": None,
                    "log_level": "info", "shutdown_grace_seconds": 30.0}
 
 
@@ -50,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for requests that give none (default 0)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the K/V a freed slot holds for a new prompt's prefix (default on)")
-    p.add_argument("--api-key", help=f"require this bearer key on /v1 and token routes (or set {API_KEY_ENV})")
+    p.add_argument("--api-key", help=f"require this bearer key on every route but /health (or set {API_KEY_ENV})")
+    p.add_argument("--api-key-file", help="a file of accepted keys, one a line (blank lines and # comments "
+                   "skipped), with or instead of --api-key")
+    p.add_argument("--metrics-public", action="store_true", default=None,
+                   help="serve /metrics without a key even when keys are required")
+    p.add_argument("--allowed-origins", help="comma-separated origins browsers may call the API from (CORS); "
+                   "none by default")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(default info)")
     p.add_argument("--shutdown-grace-seconds", type=float,
                    help="on SIGTERM, how long running requests may take to finish (default 30)")
@@ -77,9 +84,26 @@ def resolve_settings(argv: list[str] | None = None) -> tuple[EngineConfig, dict]
     engine = EngineConfig(**{k: v for k, v in merged.items() if k in engine_keys})
     server = {k: merged.get(k, default) for k, default in SERVER_DEFAULTS.items()}
     server["api_key"] = server["api_key"] or os.environ.get(API_KEY_ENV) or None
+    server["api_keys"] = read_key_file(server.pop("api_key_file"))
+    origins = server["allowed_origins"]
+    server["allowed_origins"] = tuple(o.strip() for o in (origins.split(",") if isinstance(origins, str)
+                                                          else origins or ()) if o.strip())
     if server["served_model_name"] is None:
         server["served_model_name"] = engine.model.rstrip("/") if engine.model else DEFAULT_MODEL_NAME
     return engine, server
+
+
+def read_key_file(path: str | None) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise SystemExit(f"cannot read the API key file {path}: {e.strerror}") from None
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise SystemExit(f"the API key file {path} holds no keys")
+    return keys
 
 
 def build_engine(config: EngineConfig):
@@ -108,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
 
     use_persistent_compile_cache()
     logging.basicConfig(level=server["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    state = ServerState(server["served_model_name"], api_key=server["api_key"])
+    state = ServerState(server["served_model_name"], api_key=server["api_key"], api_keys=server["api_keys"],
+                        metrics_public=bool(server["metrics_public"]), allowed_origins=server["allowed_origins"])
     app = create_app(state, lambda: build_engine(engine_config))
     log.info("serving %s on http://%s:%d", server["served_model_name"], server["host"], server["port"])
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found; Python's default would

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,7 +33,10 @@ MAX_BODY_BYTES = 8 * 2**20
 @dataclass
 class ServerState:
     served_model_name: str
-    api_key: str | None = None
+    api_key: str | None = None            # one key; `api_keys` may hold more (from --api-key-file)
+    api_keys: tuple[str, ...] = ()
+    metrics_public: bool = False          # /metrics without a key even when keys are set
+    allowed_origins: tuple[str, ...] = ()  # CORS: browsers on these origins may call the API; none by default
     engine: AsyncEngine | None = None
     completions: CompletionServing | None = None
     chat: ChatServing | None = None
@@ -143,13 +147,26 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
 
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
+    if state.allowed_origins:  # a wildcard never goes with credentials
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins),
+                           allow_credentials="*" not in state.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Timeout"])
+
+    keys = [k.encode() for k in (state.api_key, *state.api_keys) if k]
+
     def authorize(request: Request) -> None:
-        if state.api_key is None:
+        if not keys:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), state.api_key.encode()):
+        # Compared with every key, in constant time each, so the time taken tells nothing about any of them.
+        matches = [secrets.compare_digest(token.encode(), key) for key in keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise APIError(401, "invalid or missing API key", type="authentication_error", code="invalid_api_key")
+
+    def authorize_metrics(request: Request) -> None:
+        if not state.metrics_public:
+            authorize(request)
 
     async def run(call):
         try:
@@ -164,11 +181,11 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
         state.ready()
         return Response(status_code=200)
 
-    @app.get("/version")
+    @app.get("/version", dependencies=[Depends(authorize)])
     async def version():
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(authorize_metrics)])
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -233,8 +233,10 @@ def test_api_key(auth_server):
         assert_openai_error(http.post("/tokenize", json={"prompt": "Hi"}), 401)
         r = http.post("/v1/completions", json=body, headers={"authorization": f"Bearer {API_KEY}"})
         assert r.status_code == 200
-        for path in ("/health", "/version", "/metrics"):  # probes and scrapers carry no key
-            assert http.get(path).status_code == 200
+        assert http.get("/health").status_code == 200  # probes carry no key
+        for path in ("/version", "/metrics"):  # every other route needs one (see --metrics-public)
+            assert_openai_error(http.get(path), 401, code="invalid_api_key")
+            assert http.get(path, headers={"authorization": f"Bearer {API_KEY}"}).status_code == 200
 
     with pytest.raises(openai.AuthenticationError) as e:
         auth_server.client(api_key="wrong").models.list()
@@ -299,3 +301,52 @@ def test_still_serving_after_the_errors(tiny_server):
         events = sse_events(r)
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     assert tiny_server.slots_used() == 0
+
+
+def test_several_keys_from_a_file_public_metrics_and_cors(tiny_llama3, tmp_path):
+    from server.__main__ import resolve_settings
+
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nsk-one\n\n  sk-two  \n")
+    _, settings = resolve_settings(["--api-key-file", str(keys), "--metrics-public",
+                                    "--allowed-origins", "https://app.example.com, https://admin.example.com"])
+    assert settings["api_keys"] == ("sk-one", "sk-two") and settings["metrics_public"]
+    assert settings["allowed_origins"] == ("https://app.example.com", "https://admin.example.com")
+    with pytest.raises(SystemExit, match="no keys"):
+        empty = tmp_path / "empty"
+        empty.write_text("# nothing\n")
+        resolve_settings(["--api-key-file", str(empty)])
+
+    state = ServerState(TINY_NAME, api_keys=settings["api_keys"], metrics_public=True,
+                        allowed_origins=settings["allowed_origins"], engine=make_engine(tiny_llama3, max_num_seqs=2,
+                                                                                        max_model_len=256))
+    with run_uvicorn(create_app(state)) as url, httpx.Client(base_url=url) as http:
+        body = {"model": TINY_NAME, "prompt": "Hi", "max_tokens": 1}
+        for key in ("sk-one", "sk-two"):
+            assert http.post("/v1/completions", json=body, headers={"authorization": f"Bearer {key}"}).status_code \
+                == 200
+        assert_openai_error(http.post("/v1/completions", json=body, headers={"authorization": "Bearer sk-thr"}), 401)
+        assert http.get("/metrics").status_code == 200  # public on request
+        preflight = {"origin": "https://app.example.com", "access-control-request-method": "POST",
+                     "access-control-request-headers": "authorization,content-type"}
+        allowed = http.options("/v1/completions", headers=preflight)
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+        denied = http.options("/v1/completions", headers={**preflight, "origin": "https://evil.example.com"})
+        assert "access-control-allow-origin" not in denied.headers
+        simple = http.get("/health", headers={"origin": "https://evil.example.com"})
+        assert "access-control-allow-origin" not in simple.headers
+
+
+def test_no_cors_unless_origins_are_named_and_never_a_wildcard_with_credentials(tiny_llama3):
+    for origins, credentials in (((), None), (("*",), None)):
+        state = ServerState(TINY_NAME, allowed_origins=origins,
+                            engine=make_engine(tiny_llama3, max_num_seqs=2, max_model_len=256))
+        with run_uvicorn(create_app(state)) as url, httpx.Client(base_url=url) as http:
+            r = http.options("/v1/completions", headers={"origin": "https://a.example.com",
+                                                         "access-control-request-method": "POST"})
+            if not origins:
+                assert "access-control-allow-origin" not in r.headers
+            else:
+                assert r.headers["access-control-allow-origin"] == "*"
+            assert r.headers.get("access-control-allow-credentials") == credentials
