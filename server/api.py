@@ -178,7 +178,10 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
 
     @app.get("/health")
     async def health():
-        state.ready()
+        engine = state.ready()
+        if not engine.healthy:
+            raise APIError(503, "the engine is failing: its last steps all failed, or its thread has stopped",
+                           type="server_error", code="engine_unhealthy")
         return Response(status_code=200)
 
     @app.get("/version", dependencies=[Depends(authorize)])

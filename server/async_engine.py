@@ -72,6 +72,10 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and not self._stopping and self.engine.healthy
+
     def shutdown(self, timeout: float = 5.0) -> None:
         self._stopping = True
         self._wake.set()

@@ -22,6 +22,9 @@ class PromptTooLong(ParamError):
     pass
 
 
+UNHEALTHY_AFTER_FAILURES = 3  # failed steps in a row
+
+
 class DeadlineExceeded(RuntimeError):
     """A request ran past its deadline (--request-timeout or X-Request-Timeout); it ends with this error."""
 
@@ -56,6 +59,9 @@ class _Request:
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.config = config
+        # Tests only: called with each batch before it runs, to make a step fail on purpose. Never set otherwise.
+        self.fault_injector = None
+        self.consecutive_failures = 0
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.max_model_len = min(config.max_model_len, loaded.model.max_seq_len)
@@ -119,13 +125,23 @@ class LLMEngine:
         if not batch.chunks:
             return expired
         try:
+            if self.fault_injector is not None:
+                self.fault_injector(batch)
             for seq in batch.admitted:
                 self.runner.start_sequence(seq)
             samples = self.runner.execute(batch)
         except Exception as e:  # the whole batch failed: fail its requests, keep serving others
             log.exception("forward pass failed; failing %d request(s)", len(batch.chunks))
+            self.consecutive_failures += 1
             return expired + [self._fail(rid, e) for rid in {c.seq.request_id for c in batch.chunks}]
+        self.consecutive_failures = 0
         return expired + self._postprocess(batch, samples)
+
+    @property
+    def healthy(self) -> bool:
+        """False once several steps in a row have failed: the engine is not recovering by itself, and an
+        orchestrator should restart the process (/health answers 503)."""
+        return self.consecutive_failures < UNHEALTHY_AFTER_FAILURES
 
     def _expire(self) -> list[RequestOutput]:
         """Fail the requests past their deadline, freeing their cache slots before anything is scheduled."""
