@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, help="sequences decoding at once = KV cache slots (default 32)")
     p.add_argument("--max-num-batched-tokens", type=int, help="tokens per forward pass (default 512)")
     p.add_argument("--max-waiting", type=int, help="queued sequences before requests get 503 (default 512)")
+    p.add_argument("--max-waiting-tokens", type=int,
+                   help="queued prompt tokens before requests get 503 (default 262144)")
     p.add_argument("--request-timeout", type=float,
                    help="seconds a request may take from arrival to its last token, queue and prefill included; "
                    "a request can set its own with the X-Request-Timeout header (default: no limit)")

@@ -22,6 +22,7 @@ class EngineConfig:
     max_num_seqs: int = 32                # sequences running at once; the number of KV slots
     max_num_batched_tokens: int = 512     # tokens in one forward pass (decodes + prefill chunks)
     max_waiting: int = 512                # sequences queued before new requests are refused
+    max_waiting_tokens: int = 262_144     # prompt tokens queued before new requests are refused
     request_timeout: float | None = None  # seconds a request may take, queue to last token (None: no limit)
     seed: int = 0                         # for requests that give no seed
     enable_prefix_caching: bool = True    # a new prompt reuses the K/V a freed slot holds for its prefix
@@ -31,7 +32,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_waiting_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.request_timeout is not None and not self.request_timeout > 0:

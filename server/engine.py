@@ -68,7 +68,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, config.max_num_seqs, self.max_model_len, config.device,
                                   compile_decode=not config.enforce_eager)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
-                                   prefix_reuse=config.enable_prefix_caching)
+                                   prefix_reuse=config.enable_prefix_caching,
+                                   max_waiting_tokens=config.max_waiting_tokens)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0

@@ -62,7 +62,8 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_num_batched_tokens: int, max_waiting: int, prefix_reuse: bool = True):
+    def __init__(self, num_slots: int, max_num_batched_tokens: int, max_waiting: int, prefix_reuse: bool = True,
+                 max_waiting_tokens: int | None = None):
         self.free_slots = list(range(num_slots))  # a min-heap: the lowest free slot is reused first
         self.slot_tokens: list[list[int]] = [[] for _ in range(num_slots)]  # what a free slot's K/V still hold
         self.prefix_reuse = prefix_reuse
@@ -70,12 +71,18 @@ class Scheduler:
         self.num_slots = num_slots
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
+        self.max_waiting_tokens = max_waiting_tokens  # prompt tokens queued (None: no bound)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
     def add(self, seqs: list[Sequence]) -> None:
         if len(self.waiting) + len(seqs) > self.max_waiting:
             raise EngineOverloaded(f"the server is overloaded: {len(self.waiting)} requests are waiting")
+        if self.max_waiting_tokens is not None:
+            queued = sum(s.num_prompt for s in self.waiting)
+            # A request alone in the queue is always let in: the prompt length itself is bounded by max_model_len.
+            if queued and queued + sum(s.num_prompt for s in seqs[:1]) > self.max_waiting_tokens:
+                raise EngineOverloaded(f"the server is overloaded: {queued} prompt tokens are waiting")
         self.waiting.extend(seqs)
 
     def has_work(self) -> bool:
