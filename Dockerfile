@@ -46,6 +46,12 @@ COPY model ./model
 COPY server ./server
 COPY configs ./configs
 
+# Everything the server writes goes to /data (the Hugging Face cache, converted weights, compiled kernels) or to
+# /tmp, so the root filesystem can be read-only: docker run --read-only --tmpfs /tmp -v llama3-data:/data ...
+ENV HOME=/tmp \
+    TRITON_CACHE_DIR=/data/cache/triton
+VOLUME ["/data"]
+
 # Numeric, so that Kubernetes' runAsNonRoot can check it: the user `app` created above.
 USER 10001:10001
 EXPOSE 8000

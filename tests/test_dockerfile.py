@@ -227,3 +227,14 @@ def test_weights_and_secrets_stay_out_of_the_image(dockerfile):
     for path in (".venv/bin/python", ".git/config", "tests/conftest.py", "model/x.gguf", "w/model.safetensors",
                  "server/__pycache__/api.cpython-311.pyc"):
         assert is_ignored(path, patterns), f"{path} would be sent to the Docker build"
+
+
+def test_writes_only_to_data_and_tmp_so_the_root_filesystem_can_be_read_only(dockerfile):
+    """HOME and every cache point under /data (a declared volume) or /tmp: the server's weight and kernel cache
+    (LLAMA3_SERVER_CACHE), the Hugging Face cache (HF_HOME), Inductor's cache (under the server's) and Triton's."""
+    env = " ".join(e.args for e in only(dockerfile, "ENV"))
+    settings = dict(re.findall(r"(\w+)=(\S+)", env))
+    for name in ("HF_HOME", "LLAMA3_SERVER_CACHE", "TRITON_CACHE_DIR", "HOME"):
+        assert settings.get(name, "").startswith(("/data/", "/tmp")), (name, settings.get(name))
+    assert any("/data" in v.args for v in only(dockerfile, "VOLUME"))
+    assert settings.get("PYTHONDONTWRITEBYTECODE") == "1"  # no __pycache__ written beside the code
