@@ -15,13 +15,14 @@ from pathlib import Path
 import yaml
 
 from server.config import EngineConfig
+from server.limits import Limits
 
 log = logging.getLogger("server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENV = "LLAMA3_SERVER_API_KEY"
 
 SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "served_model_name": None, "api_key": None,
-                   "api_key_file": None, "metrics_public": False, "allowed_origins": None,
+                   "api_key_file": None, "metrics_public": False, "allowed_origins": None, "limit": None,
                    "log_level": "info", "shutdown_grace_seconds": 30.0}
 
 
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "skipped), with or instead of --api-key")
     p.add_argument("--metrics-public", action="store_true", default=None,
                    help="serve /metrics without a key even when keys are required")
+    p.add_argument("--limit", action="append", metavar="NAME=VALUE",
+                   help="lower a per-request limit (repeatable): body_bytes, n, max_tokens, stop, stop_length, "
+                   "logit_bias, prompts, messages")
     p.add_argument("--allowed-origins", help="comma-separated origins browsers may call the API from (CORS); "
                    "none by default")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(default info)")
@@ -87,6 +91,10 @@ def resolve_settings(argv: list[str] | None = None) -> tuple[EngineConfig, dict]
     server = {k: merged.get(k, default) for k, default in SERVER_DEFAULTS.items()}
     server["api_key"] = server["api_key"] or os.environ.get(API_KEY_ENV) or None
     server["api_keys"] = read_key_file(server.pop("api_key_file"))
+    try:
+        server["limits"] = Limits.parse(server.pop("limit"))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     origins = server["allowed_origins"]
     server["allowed_origins"] = tuple(o.strip() for o in (origins.split(",") if isinstance(origins, str)
                                                           else origins or ()) if o.strip())
@@ -135,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     use_persistent_compile_cache()
     logging.basicConfig(level=server["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState(server["served_model_name"], api_key=server["api_key"], api_keys=server["api_keys"],
-                        metrics_public=bool(server["metrics_public"]), allowed_origins=server["allowed_origins"])
+                        metrics_public=bool(server["metrics_public"]), allowed_origins=server["allowed_origins"],
+                        limits=server["limits"])
     app = create_app(state, lambda: build_engine(engine_config))
     log.info("serving %s on http://%s:%d", server["served_model_name"], server["host"], server["port"])
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found; Python's default would

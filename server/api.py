@@ -20,14 +20,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import __version__
 from server.async_engine import AsyncEngine
 from server.errors import APIError, to_api_error
+from server.limits import Limits
 from server.metrics import Metrics
+from server.sampling_params import ParamError
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
                              TokenizeRequest, now, template_messages)
 from server.serving_chat import ChatServing
 from server.serving_completions import CompletionServing
 
 log = logging.getLogger(__name__)
-MAX_BODY_BYTES = 8 * 2**20
+MAX_BODY_BYTES = Limits().body_bytes
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ServerState:
     api_keys: tuple[str, ...] = ()
     metrics_public: bool = False          # /metrics without a key even when keys are set
     allowed_origins: tuple[str, ...] = ()  # CORS: browsers on these origins may call the API; none by default
+    limits: Limits = field(default_factory=Limits)
     engine: AsyncEngine | None = None
     completions: CompletionServing | None = None
     chat: ChatServing | None = None
@@ -145,7 +148,7 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
         log.exception("unhandled error")
         return to_api_error(exc).response()
 
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, max_bytes=state.limits.body_bytes)
 
     if state.allowed_origins:  # a wildcard never goes with credentials
         app.add_middleware(CORSMiddleware, allow_origins=list(state.allowed_origins),
@@ -167,6 +170,12 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
     def authorize_metrics(request: Request) -> None:
         if not state.metrics_public:
             authorize(request)
+
+    def check_limits(body) -> None:
+        try:
+            state.limits.check(body)
+        except ParamError as e:
+            raise to_api_error(e) from None
 
     async def run(call):
         try:
@@ -209,11 +218,13 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, raw: Request):
         state.ready()
+        check_limits(body)
         return await run(state.completions.create(body, raw))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         state.ready()
+        check_limits(body)
         return await run(state.chat.create(body, raw))
 
     @app.post("/tokenize", dependencies=[Depends(authorize)])

@@ -350,3 +350,37 @@ def test_no_cors_unless_origins_are_named_and_never_a_wildcard_with_credentials(
             else:
                 assert r.headers["access-control-allow-origin"] == "*"
             assert r.headers.get("access-control-allow-credentials") == credentials
+
+
+def test_operator_limits_are_400s_naming_the_field(tiny_llama3):
+    from server.__main__ import resolve_settings
+    from server.limits import Limits
+
+    _, settings = resolve_settings(["--limit", "n=2", "--limit", "stop=1", "--limit", "stop-length=5",
+                                    "--limit", "logit_bias=1", "--limit", "prompts=2", "--limit", "messages=2",
+                                    "--limit", "max_tokens=10", "--limit", "body_bytes=2000"])
+    limits = settings["limits"]
+    assert limits == Limits(body_bytes=2000, n=2, max_tokens=10, stop=1, stop_length=5, logit_bias=1, prompts=2,
+                            messages=2)
+    for bad in (["--limit", "speed=3"], ["--limit", "n=0"], ["--limit", "n=many"]):
+        with pytest.raises(SystemExit):
+            resolve_settings(bad)
+    state = ServerState(TINY_NAME, limits=limits, engine=make_engine(tiny_llama3, max_num_seqs=2, max_model_len=256))
+    user = [{"role": "user", "content": "Hi"}]
+    cases = [("/v1/completions", {"prompt": "Hi", "n": 3}, "n"),
+             ("/v1/completions", {"prompt": "Hi", "max_tokens": 11}, "max_tokens"),
+             ("/v1/completions", {"prompt": "Hi", "stop": ["a", "b"]}, "stop"),
+             ("/v1/completions", {"prompt": "Hi", "stop": "toolong"}, "stop"),
+             ("/v1/completions", {"prompt": "Hi", "logit_bias": {"1": 1, "2": 1}}, "logit_bias"),
+             ("/v1/completions", {"prompt": ["a", "b", "c"]}, "prompt"),
+             ("/v1/chat/completions", {"messages": user * 3}, "messages"),
+             ("/v1/chat/completions", {"messages": user, "max_completion_tokens": 11}, "max_completion_tokens")]
+    with run_uvicorn(create_app(state)) as url, httpx.Client(base_url=url) as http:
+        for path, body, param in cases:
+            error = assert_openai_error(http.post(path, json={"model": TINY_NAME, "max_tokens": 2, **body}), 400,
+                                        param=param)
+            assert "limited to" in error["message"]
+        ok = http.post("/v1/completions", json={"model": TINY_NAME, "prompt": ["a", "b"], "n": 2, "max_tokens": 2,
+                                                "stop": "x"})
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
+        assert_openai_error(http.post("/v1/completions", json={"model": TINY_NAME, "prompt": "x" * 3000}), 413)
