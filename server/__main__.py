@@ -22,7 +22,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENV = "LLAMA3_SERVER_API_KEY"
 
 SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "served_model_name": None, "api_key": None,
-                   "api_key_file": None, "metrics_public": False, "allowed_origins": None, "limit": None,
+                   "api_key_file": None, "metrics_public": False, "allowed_origins": None, "limit": None, "log_requests": False,
                    "log_level": "info", "shutdown_grace_seconds": 30.0}
 
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "skipped), with or instead of --api-key")
     p.add_argument("--metrics-public", action="store_true", default=None,
                    help="serve /metrics without a key even when keys are required")
+    p.add_argument("--log-requests", action="store_true", default=None,
+                   help="log each request's prompt and output text (off by default: only ids, counts, timings)")
     p.add_argument("--limit", action="append", metavar="NAME=VALUE",
                    help="lower a per-request limit (repeatable): body_bytes, n, max_tokens, stop, stop_length, "
                    "logit_bias, prompts, messages")
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=server["log_level"].upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState(server["served_model_name"], api_key=server["api_key"], api_keys=server["api_keys"],
                         metrics_public=bool(server["metrics_public"]), allowed_origins=server["allowed_origins"],
-                        limits=server["limits"])
+                        limits=server["limits"], log_requests=bool(server["log_requests"]))
     app = create_app(state, lambda: build_engine(engine_config))
     log.info("serving %s on http://%s:%d", server["served_model_name"], server["host"], server["port"])
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found; Python's default would

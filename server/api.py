@@ -40,6 +40,7 @@ class ServerState:
     metrics_public: bool = False          # /metrics without a key even when keys are set
     allowed_origins: tuple[str, ...] = ()  # CORS: browsers on these origins may call the API; none by default
     limits: Limits = field(default_factory=Limits)
+    log_requests: bool = False            # prompt and output text in the request log; never by default
     engine: AsyncEngine | None = None
     completions: CompletionServing | None = None
     chat: ChatServing | None = None
@@ -55,6 +56,7 @@ class ServerState:
     def set_engine(self, engine: AsyncEngine) -> None:
         self.completions = CompletionServing(engine, self.served_model_name, self.metrics)
         self.chat = ChatServing(engine, self.served_model_name, self.metrics, self.completions.grammars)
+        self.completions.log_requests = self.chat.log_requests = self.log_requests
         self.engine = engine
 
     def ready(self) -> AsyncEngine:

@@ -62,6 +62,7 @@ class Serving:
         self.model_name = served_model_name
         self.metrics = metrics
         self.grammars = grammars or GrammarCompilers(engine)
+        self.log_requests = False  # log prompt and output text too (--log-requests); never by default
 
     @staticmethod
     def request_timeout(params: SamplingParams, raw: Request) -> None:
@@ -117,6 +118,7 @@ class Serving:
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         finished: set[int] = set()
+        texts: dict[tuple[int, int], str] = {}  # (prompt, choice) -> text so far, kept only for --log-requests
         try:
             remaining = len(tasks)
             while remaining:
@@ -127,9 +129,12 @@ class Serving:
                     raise item
                 else:
                     self.metrics.observe(item)
+                    if self.log_requests:
+                        for d in item.deltas:
+                            texts[i, d.index] = texts.get((i, d.index), "") + d.text
                     if item.finished:
                         finished.add(i)
-                        self._log(item)
+                        self._log(item, [t for (p, _), t in sorted(texts.items()) if p == i])
                     yield i, item
         finally:
             if len(finished) < len(prompts):  # the client left or an error ended the rest: count them as aborted
@@ -181,10 +186,14 @@ class Serving:
     def error_event(error: BaseException) -> str:
         return sse(to_api_error(error).body())
 
-    def _log(self, out: RequestOutput) -> None:
+    def _log(self, out: RequestOutput, outputs: list[str]) -> None:
+        """One line a request: ids, counts and timings; its text only with --log-requests."""
         m = out.metrics
         if m is None:
             return
+        if self.log_requests:
+            log.info("request %s text: prompt %r, outputs %r", out.request_id,
+                     self.tokenizer.decode(out.prompt_token_ids), outputs)
         ttft = m.time_to_first_token
         log.info("request %s: prompt %d tokens, completion %d tokens, ttft %s, e2e %s",
                  out.request_id, m.num_prompt_tokens, m.num_generated_tokens,

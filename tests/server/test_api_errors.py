@@ -384,3 +384,19 @@ def test_operator_limits_are_400s_naming_the_field(tiny_llama3):
                                                 "stop": "x"})
         assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
         assert_openai_error(http.post("/v1/completions", json={"model": TINY_NAME, "prompt": "x" * 3000}), 413)
+
+
+def test_request_logs_carry_text_only_with_log_requests(tiny_llama3, caplog):
+    secret = "my secret prompt"
+    for log_requests in (False, True):
+        state = ServerState(TINY_NAME, log_requests=log_requests,
+                            engine=make_engine(tiny_llama3, max_num_seqs=2, max_model_len=256))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="server.requests"), run_uvicorn(create_app(state)) as url, \
+                httpx.Client(base_url=url) as http:
+            r = http.post("/v1/completions", json={"model": TINY_NAME, "prompt": secret, "max_tokens": 3})
+            assert r.status_code == 200
+            output = r.json()["choices"][0]["text"]
+        logged = "\n".join(rec.getMessage() for rec in caplog.records if rec.name == "server.requests")
+        assert "completion 3 tokens" in logged
+        assert (secret in logged) == log_requests and (repr(output) in logged) == log_requests, logged
