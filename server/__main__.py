@@ -9,6 +9,8 @@ import argparse
 import logging
 import os
 import signal
+import threading
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -149,18 +151,47 @@ def main(argv: list[str] | None = None) -> None:
                         limits=server["limits"], log_requests=bool(server["log_requests"]))
     app = create_app(state, lambda: build_engine(engine_config))
     log.info("serving %s on http://%s:%d", server["served_model_name"], server["host"], server["port"])
-    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found; Python's default would
-    # kill the process with it. A finished graceful shutdown is a clean exit.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
+    config = uvicorn.Config(app, host=server["host"], port=server["port"], log_level=server["log_level"],
+                            timeout_graceful_shutdown=server["shutdown_grace_seconds"])
     try:
-        uvicorn.run(app, host=server["host"], port=server["port"], log_level=server["log_level"],
-                    timeout_graceful_shutdown=server["shutdown_grace_seconds"])
+        draining_server()(config, state, server["shutdown_grace_seconds"]).run()
     except KeyboardInterrupt:  # Ctrl-C after uvicorn's own graceful shutdown: nothing left to report
         pass
 
 
-def _exit_cleanly(signum, frame) -> None:
-    raise SystemExit(0)
+def draining_server():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM: new requests get 503 with Retry-After (and /health 503, so a load balancer stops sending),
+        running requests finish for up to the grace period, then uvicorn shuts down and the process exits 0.
+        SIGINT (Ctrl-C) stops at once, as uvicorn does."""
+
+        def __init__(self, config, state, grace: float):
+            super().__init__(config)
+            self.state, self.grace = state, grace
+
+        def handle_exit(self, sig, frame) -> None:
+            if sig != signal.SIGTERM or self.state.draining:
+                self.should_exit = True  # nothing re-raised afterwards: a finished shutdown is a clean exit
+                if sig == signal.SIGINT and self.state.draining:
+                    self.force_exit = True
+                return
+            self.state.draining = True
+            log.info("SIGTERM: refusing new requests, letting running ones finish (up to %.0f s)", self.grace)
+            threading.Thread(target=self._drain, name="drain", daemon=True).start()
+
+        def _drain(self) -> None:
+            deadline = time.monotonic() + self.grace
+            engine = self.state.engine
+            while engine is not None and time.monotonic() < deadline:
+                stats = engine.stats()
+                if stats.running == 0 and stats.waiting == 0:
+                    break
+                time.sleep(0.05)
+            self.should_exit = True  # uvicorn's own graceful shutdown then flushes the open responses
+
+    return DrainingServer
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class ServerState:
     allowed_origins: tuple[str, ...] = ()  # CORS: browsers on these origins may call the API; none by default
     limits: Limits = field(default_factory=Limits)
     log_requests: bool = False            # prompt and output text in the request log; never by default
+    draining: bool = False                # shutting down: new requests get 503 with Retry-After
     engine: AsyncEngine | None = None
     completions: CompletionServing | None = None
     chat: ChatServing | None = None
@@ -60,6 +61,9 @@ class ServerState:
         self.engine = engine
 
     def ready(self) -> AsyncEngine:
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry on another replica", type="server_error",
+                           code="shutting_down")
         if self.engine is None:
             reason = f"loading the model failed: {self.load_error}" if self.load_error else "the model is loading"
             raise APIError(503, reason, type="server_error", code="not_ready")

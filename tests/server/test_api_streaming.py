@@ -135,8 +135,8 @@ def test_32_concurrent_streaming_clients(tiny_server):
 
 @pytest.mark.slow
 def test_cli_starts_serves_and_shuts_down_gracefully(tmp_path):
-    """`python -m server`: /health is 503 while the model loads, then 200; SIGTERM lets a running stream finish,
-    stops taking connections, and the process exits 0 within the grace period."""
+    """`python -m server`: /health is 503 while the model loads, then 200; on SIGTERM new requests and /health get
+    503 with Retry-After while a running stream finishes, and the process exits 0 within the grace period."""
     port, grace = free_port(), 60
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").open("w+")
@@ -162,7 +162,7 @@ def test_cli_starts_serves_and_shuts_down_gracefully(tmp_path):
             time.sleep(0.05)
         assert set(statuses) <= {503, 200} and 503 in statuses, statuses
 
-        body = {"prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True, "logprobs": 0, "stream": True,
+        body = {"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True, "logprobs": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -170,21 +170,22 @@ def test_cli_starts_serves_and_shuts_down_gracefully(tmp_path):
             assert first.startswith("data: ")
             proc.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
-            while True:  # draining: no new connections, while the stream goes on
-                try:
-                    httpx.get(f"{url}/health", timeout=5)
-                except httpx.ConnectError:
-                    break
-                assert time.monotonic() - signalled < 5, "still taking connections after SIGTERM"
+            while httpx.get(f"{url}/health", timeout=5).status_code != 503:  # draining, while the stream goes on
+                assert time.monotonic() - signalled < 5, "still admitting requests after SIGTERM"
                 time.sleep(0.02)
+            refused = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=5)
+            assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+            assert refused.json()["error"]["code"] == "shutting_down"
             events = sse_events(r, lines)
         tokens = len(json.loads(first[len("data: "):])["choices"][0]["logprobs"]["tokens"])
         tokens += sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events if e["choices"])
-        assert tokens == 16
-        assert events[-1]["usage"]["completion_tokens"] == 16
+        assert tokens == 48
+        assert events[-1]["usage"]["completion_tokens"] == 48
         assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
         assert proc.wait(timeout=grace + 10) == 0, server_log()
         assert time.monotonic() - signalled < grace
+        with pytest.raises(httpx.ConnectError):  # gone
+            httpx.get(f"{url}/health", timeout=5)
     finally:
         if proc.poll() is None:
             proc.kill()
