@@ -25,6 +25,7 @@ from server.metrics import Metrics
 from server.sampling_params import ParamError
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
                              TokenizeRequest, now, template_messages)
+from server.serving import ClientDisconnected
 from server.serving_chat import ChatServing
 from server.serving_completions import CompletionServing
 
@@ -149,6 +150,10 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return APIError(exc.status_code, str(exc.detail), type=kind).response()
 
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(_, exc: ClientDisconnected):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, nothing to log
+
     @app.exception_handler(Exception)
     async def internal_error(_, exc: Exception):
         log.exception("unhandled error")
@@ -186,7 +191,7 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
     async def run(call):
         try:
             return await call
-        except APIError:
+        except (APIError, ClientDisconnected):
             raise
         except Exception as e:  # engine refusals and parameter errors become OpenAI errors
             raise to_api_error(e) from None

@@ -22,6 +22,10 @@ log = logging.getLogger("server.requests")
 _DONE = object()
 
 
+class ClientDisconnected(Exception):
+    """A non-streaming client went away: its requests are aborted and nobody is left to answer."""
+
+
 class GrammarCompilers:
     """One grammar compiler per server, built on first use (reading the vocabulary takes about a second)."""
 
@@ -168,7 +172,7 @@ class Serving:
             if not done and await raw.is_disconnected():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                raise asyncio.CancelledError("client disconnected")
+                raise ClientDisconnected("client disconnected")
         task.result()
         return choices, prompt_logprobs
 

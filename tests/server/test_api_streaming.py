@@ -191,3 +191,12 @@ def test_cli_starts_serves_and_shuts_down_gracefully(tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_slot_quietly(tiny_server, caplog):
+    """The request is aborted within the disconnect check's interval, and the abort is not logged as an error."""
+    with caplog.at_level("INFO"), pytest.raises(httpx.ReadTimeout), tiny_server.http(timeout=0.5) as http:
+        http.post("/v1/completions", json={"model": tiny_server.model, "prompt": "Hi", "max_tokens": 4000,
+                                           "ignore_eos": True})
+    tiny_server.wait_until_idle(timeout=3.0)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text[-2000:]
