@@ -9,12 +9,14 @@ import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
@@ -69,6 +71,32 @@ class ServerState:
             reason = f"loading the model failed: {self.load_error}" if self.load_error else "the model is loading"
             raise APIError(503, reason, type="server_error", code="not_ready")
         return self.engine
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body."""
+    error: ErrorDetail
+
+
+ERROR_MEANINGS = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or route",
+                  408: "the request ran past its deadline", 413: "request body too large",
+                  500: "the model step failed", 503: "not ready, overloaded or shutting down (see Retry-After)"}
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI entries for the error statuses a route may answer, all with OpenAI's error body."""
+    return {status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
 
 
 class BodyLimit:
@@ -148,7 +176,9 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        response = APIError(exc.status_code, str(exc.detail), type=kind).response()
+        response.headers.update(exc.headers or {})  # a 405 keeps its Allow header
+        return response
 
     @app.exception_handler(ClientDisconnected)
     async def client_gone(_, exc: ClientDisconnected):
@@ -196,19 +226,21 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
         except Exception as e:  # engine refusals and parameter errors become OpenAI errors
             raise to_api_error(e) from None
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse, responses=error_responses(503))
     async def health():
         engine = state.ready()
         if not engine.healthy:
             raise APIError(503, "the engine is failing: its last steps all failed, or its thread has stopped",
                            type="server_error", code="engine_unhealthy")
-        return Response(status_code=200)
+        return HealthResponse()
 
-    @app.get("/version", dependencies=[Depends(authorize)])
+    @app.get("/version", dependencies=[Depends(authorize)], responses=error_responses(401))
     async def version():
         return {"version": __version__}
 
-    @app.get("/metrics", dependencies=[Depends(authorize_metrics)])
+    @app.get("/metrics", dependencies=[Depends(authorize_metrics)], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}, **error_responses(401)})
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -216,29 +248,31 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
         max_len = state.engine.engine.max_model_len if state.engine else None
         return ModelCard(id=state.served_model_name, created=state.created, max_model_len=max_len)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", dependencies=[Depends(authorize)], responses=error_responses(401))
     async def list_models():
         return ModelList(data=[card()]).model_dump()
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)], responses=error_responses(401, 404))
     async def get_model(model_id: str):
         if model_id != state.served_model_name:
             raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
         return card().model_dump()
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions", dependencies=[Depends(authorize)],
+              responses=error_responses(400, 401, 404, 408, 413, 500, 503))
     async def completions(body: CompletionRequest, raw: Request):
         state.ready()
         check_limits(body)
         return await run(state.completions.create(body, raw))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)],
+              responses=error_responses(400, 401, 404, 408, 413, 500, 503))
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         state.ready()
         check_limits(body)
         return await run(state.chat.create(body, raw))
 
-    @app.post("/tokenize", dependencies=[Depends(authorize)])
+    @app.post("/tokenize", dependencies=[Depends(authorize)], responses=error_responses(400, 401, 404, 413, 503))
     async def tokenize(body: TokenizeRequest):
         state.ready()
         state.completions.check_model(body.model)
@@ -253,7 +287,7 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
             ids = tokenizer.encode(body.prompt)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.engine.max_model_len}
 
-    @app.post("/detokenize", dependencies=[Depends(authorize)])
+    @app.post("/detokenize", dependencies=[Depends(authorize)], responses=error_responses(400, 401, 404, 413, 503))
     async def detokenize(body: DetokenizeRequest):
         state.ready()
         state.completions.check_model(body.model)

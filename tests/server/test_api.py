@@ -15,7 +15,7 @@ from server import __version__
 from server.config import EngineConfig
 from server.engine import LLMEngine
 from server.sampling_params import SamplingParams
-from tests.server.conftest import metric, scrape, sse_events
+from tests.server.conftest import assert_openai_error, metric, scrape, sse_events
 
 LOGPROB_TOL = 2e-3
 PROMPT = "The three primary colors are"
@@ -471,3 +471,30 @@ def test_follow_up_chat_turn_reuses_the_conversation_prefix(smol_server, smollm)
                                               eos_token=tokenizer.eos_token))
     expected, _ = reference_greedy(smollm, ids, reply.usage.completion_tokens)
     assert tokenizer.decode(expected, skip_special_tokens=True) == reply.choices[0].message.content
+
+
+def test_openapi_documents_errors_health_and_metrics(tiny_server):
+    """What a client generator or a fuzzer reads: every route's error statuses with OpenAI's error body, /health's
+    JSON body, /metrics' text content type; and a 405 names the allowed methods."""
+    with tiny_server.http() as http:
+        spec = http.get("/openapi.json").json()
+        health = http.get("/health")
+        wrong_method = http.delete("/v1/completions")
+        metrics = http.get("/metrics")
+    error_ref = "#/components/schemas/ErrorResponse"
+    assert set(spec["components"]["schemas"]["ErrorResponse"]["properties"]) == {"error"}
+    expected = {"/v1/completions": {"400", "401", "404", "408", "413", "500", "503"},
+                "/v1/chat/completions": {"400", "401", "404", "408", "413", "500", "503"},
+                "/tokenize": {"400", "401", "404", "413", "503"}, "/health": {"503"}, "/metrics": {"401"}}
+    for path, statuses in expected.items():
+        (operation,) = spec["paths"][path].values()
+        documented = {s for s in operation["responses"] if s.startswith(("4", "5")) and s != "422"}
+        assert statuses <= documented, (path, documented)
+        for status in statuses:
+            assert operation["responses"][status]["content"]["application/json"]["schema"]["$ref"] == error_ref
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert health.status_code == 200 and health.headers["content-type"] == "application/json"
+    assert health.json() == {"status": "ok"}
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert_openai_error(wrong_method, 405)
+    assert wrong_method.headers["allow"] == "POST"
