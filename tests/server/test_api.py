@@ -498,3 +498,27 @@ def test_openapi_documents_errors_health_and_metrics(tiny_server):
     assert metrics.headers["content-type"].startswith("text/plain")
     assert_openai_error(wrong_method, 405)
     assert wrong_method.headers["allow"] == "POST"
+
+
+def test_the_schema_states_the_ranges_the_server_enforces(tiny_server):
+    """Each sampling field's range is in the OpenAPI schema, and a value just outside it is refused (400) while
+    the bound itself is accepted."""
+    with tiny_server.http() as http:
+        schemas = http.get("/openapi.json").json()["components"]["schemas"]
+
+        def bounds(model, name):
+            prop = schemas[model]["properties"][name]
+            number = next((o for o in prop.get("anyOf", [prop]) if o.get("type") in ("number", "integer")), prop)
+            return {k: number[k] for k in ("minimum", "maximum", "exclusiveMinimum") if k in number}
+
+        assert bounds("CompletionRequest", "temperature") == {"minimum": 0, "maximum": 2}
+        assert bounds("CompletionRequest", "top_p") == {"exclusiveMinimum": 0, "maximum": 1}
+        assert bounds("CompletionRequest", "n") == {"minimum": 1, "maximum": 128}
+        assert bounds("CompletionRequest", "logprobs") == {"minimum": 0, "maximum": 20}
+        assert bounds("ChatCompletionRequest", "top_logprobs") == {"minimum": 0, "maximum": 20}
+        for field, inside, outside in (("temperature", 2, 2.01), ("presence_penalty", -2, -2.01), ("n", 128, 129),
+                                       ("repetition_penalty", 2, 0), ("min_p", 1, 1.5), ("top_k", -1, -2)):
+            body = {"model": tiny_server.model, "prompt": "Hi", "max_tokens": 1}
+            assert http.post("/v1/completions", json={**body, field: inside}).status_code == 200, field
+            r = http.post("/v1/completions", json={**body, field: outside})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
