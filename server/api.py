@@ -26,7 +26,7 @@ from server.limits import Limits
 from server.metrics import Metrics
 from server.sampling_params import ParamError
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
-                             TokenizeRequest, now, template_messages)
+                             TokenizeChat, TokenizeRequest, now, template_messages)
 from server.serving import ClientDisconnected
 from server.serving_chat import ChatServing
 from server.serving_completions import CompletionServing
@@ -276,10 +276,8 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
     async def tokenize(body: TokenizeRequest):
         state.ready()
         state.completions.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         tokenizer = state.completions.tokenizer
-        if body.messages is not None:
+        if isinstance(body, TokenizeChat):
             ids = state.chat.prompt_ids(template_messages(body.messages), body.add_generation_prompt)
         elif body.add_special_tokens:
             ids = tokenizer.encode_prompt(body.prompt)

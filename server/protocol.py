@@ -121,8 +121,14 @@ class ResponseFormat(Strict):
         return structured.json_schema_spec({} if schema is None else schema, "response_format.json_schema.schema")
 
 
+NonEmptyText = Annotated[str, Field(min_length=1)]
+NonEmptyIds = Annotated[list[int], Field(min_length=1)]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Never empty: no tokens to start from (a checkpoint that adds BOS could take "", but nothing is gained).
+    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | NonEmptyIds | Annotated[
+        list[NonEmptyIds], Field(min_length=1)]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -388,12 +394,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(Strict):
+class TokenizeCompletion(Strict):
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: str
     add_special_tokens: bool = True
+
+
+class TokenizeChat(Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
+
+
+TokenizeRequest = TokenizeCompletion | TokenizeChat  # vLLM's two forms: a prompt or chat messages
 
 
 class DetokenizeRequest(Strict):

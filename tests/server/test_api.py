@@ -522,3 +522,16 @@ def test_the_schema_states_the_ranges_the_server_enforces(tiny_server):
             assert http.post("/v1/completions", json={**body, field: inside}).status_code == 200, field
             r = http.post("/v1/completions", json={**body, field: outside})
             assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+
+
+def test_tokenize_takes_a_prompt_or_messages_as_its_schema_says(tiny_server):
+    with tiny_server.http() as http:
+        spec = http.get("/openapi.json").json()
+        body = spec["paths"]["/tokenize"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        forms = [s["$ref"].rsplit("/", 1)[1] for s in body["anyOf"]]
+        assert forms == ["TokenizeCompletion", "TokenizeChat"]
+        assert spec["components"]["schemas"]["TokenizeCompletion"]["required"] == ["prompt"]
+        assert spec["components"]["schemas"]["TokenizeChat"]["required"] == ["messages"]
+        assert http.post("/tokenize", json={}).status_code == 400
+        assert http.post("/tokenize", json={"messages": []}).status_code == 400
+        assert http.post("/tokenize", json={"prompt": "Hi"}).json()["count"] >= 1
