@@ -26,7 +26,7 @@ from server.limits import Limits
 from server.metrics import Metrics
 from server.sampling_params import ParamError
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
-                             TokenizeChat, TokenizeRequest, now, template_messages)
+                             MESSAGE_ROLES, TokenizeChat, TokenizeRequest, now, template_messages)
 from server.serving import ClientDisconnected
 from server.serving_chat import ChatServing
 from server.serving_completions import CompletionServing
@@ -160,7 +160,12 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
         first = errors[0] if errors else {}
         # A value that fits no member of a union fails once per member, each location ending in the member's
         # type ("prompt.str", "prompt.list[int].1"); the field is what those locations have in common.
-        locs = [[str(p) for p in e.get("loc", ()) if p != "body"] for e in errors] or [[]]
+        # A message's role tag ("messages.0.tool.tool_call_id") is left out of the field's name; a missing or
+        # unknown role is the role's fault.
+        locs = [[str(p) for n, p in enumerate(e.get("loc", ()))
+                 if p != "body" and not (p in MESSAGE_ROLES and n and isinstance(e["loc"][n - 1], int))]
+                + (["role"] if e.get("type") in ("union_tag_invalid", "union_tag_not_found") else [])
+                for e in errors] or [[]]
         loc = locs[0]
         for other in locs[1:]:
             if other[:1] == loc[:1]:

@@ -149,12 +149,9 @@ class ContentPart(Strict):
     text: str | None = None
 
 
-class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+class _Message(Strict):
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # assistant: the calls it made
-    tool_call_id: str | None = None                 # tool: the call this result answers
 
     def text(self) -> str:
         if not isinstance(self.content, list):
@@ -164,6 +161,30 @@ class ChatMessage(Strict):
                 raise ParamError(f"content parts of type {part.type!r} are not supported: this model reads "
                                  "text only ('type': 'text' with a 'text' field)", "content")
         return "\n".join(part.text for part in self.content)
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class AssistantTurn(_Message):
+    role: Literal["assistant"]
+    tool_calls: list[dict[str, Any]] | None = None  # the calls it made
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: str | list[ContentPart]  # the tool's result
+    tool_call_id: str                 # the call it answers
+
+
+# One schema per role, told apart by `role`, so that what each role needs is in the schema.
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -219,13 +240,9 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             raise ParamError(str(e), f"messages.{i}.content") from None
         if m.name:
             message["name"] = m.name
-        if m.role == "tool":
-            if m.tool_call_id is None:
-                raise ParamError("a tool message needs the tool_call_id it answers", f"messages.{i}.tool_call_id")
+        if isinstance(m, ToolMessage):
             message["tool_call_id"] = m.tool_call_id
-        if m.tool_calls is not None:
-            if m.role != "assistant":
-                raise ParamError("only assistant messages carry tool_calls", f"messages.{i}.tool_calls")
+        if isinstance(m, AssistantTurn) and m.tool_calls is not None:
             message["tool_calls"] = [_template_tool_call(call, f"messages.{i}.tool_calls.{j}")
                                      for j, call in enumerate(m.tool_calls)]
             if not m.content:

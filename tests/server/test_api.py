@@ -535,3 +535,14 @@ def test_tokenize_takes_a_prompt_or_messages_as_its_schema_says(tiny_server):
         assert http.post("/tokenize", json={}).status_code == 400
         assert http.post("/tokenize", json={"messages": []}).status_code == 400
         assert http.post("/tokenize", json={"prompt": "Hi"}).json()["count"] >= 1
+
+
+def test_each_message_role_has_its_own_schema(tiny_server):
+    with tiny_server.http() as http:
+        schemas = http.get("/openapi.json").json()["components"]["schemas"]
+        r = http.post("/v1/chat/completions", json={"model": tiny_server.model, "max_tokens": 1, "messages": [
+            {"role": "user", "content": "Hi"}, {"role": "tool", "content": "21 degrees"}]})
+    assert set(schemas["ToolMessage"]["required"]) == {"role", "content", "tool_call_id"}
+    assert "tool_calls" in schemas["AssistantTurn"]["properties"]
+    assert "tool_calls" not in schemas["UserMessage"]["properties"]
+    assert_openai_error(r, 400, param="messages.1.tool_call_id")
