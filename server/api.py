@@ -149,6 +149,32 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
 
     app = FastAPI(title="llama3-server", version=__version__, lifespan=lifespan)
     app.state.server = state
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        """FastAPI's document, with the served model's vocabulary as every token id's upper bound (once loaded)."""
+        if app.openapi_schema is not None and (state.engine is None or app.openapi_schema.get("x-vocab-bound")):
+            return app.openapi_schema
+        app.openapi_schema = None
+        schema = default_openapi()
+        if state.engine is not None:
+            vocab = state.engine.engine.model_config.vocab_size
+
+            def bound(node):
+                if isinstance(node, dict):
+                    if node.get("x-token-id"):
+                        node["maximum"] = vocab - 1
+                    for value in node.values():
+                        bound(value)
+                elif isinstance(node, list):
+                    for value in node:
+                        bound(value)
+
+            bound(schema)
+            schema["x-vocab-bound"] = True
+        return schema
+
+    app.openapi = openapi
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):

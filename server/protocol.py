@@ -11,12 +11,25 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 
 from server import structured, tool_calls
 from server.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams
 from server.structured import GrammarSpec
 from server.tool_calls import ToolCallFormat
+
+
+def _integral(value):
+    """1.0 is an integer as JSON Schema counts (and as clients send it); 1.5 and "1" stay errors."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Int(**constraints):  # noqa: N802 - a type
+    """An integer request field within `constraints` (ge, le, ...); integral floats accepted (see `_integral`)."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_integral)]
+
+# A token id: the OpenAPI document gets its upper bound, the model's vocabulary, once the model is loaded.
+TokenId = Annotated[int, Field(ge=0, json_schema_extra={"x-token-id": True}), BeforeValidator(_integral)]
 
 
 class Strict(BaseModel):
@@ -32,25 +45,25 @@ class SamplingFields(Strict):
 
     # The ranges SamplingParams enforces, stated in the schema too, so that clients and fuzzers see them.
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Int(ge=1) | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=128)
+    n: Int(ge=1, le=128) = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
+    seed: Int(ge=-(2**63), lt=2**64) | None = None
     user: str | None = None
     # extensions
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: Int(ge=-1) | None = None
     min_p: float = Field(default=0.0, ge=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0, le=2)
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: Int(ge=0) = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     response_format: ResponseFormat | None = None
@@ -122,18 +135,18 @@ class ResponseFormat(Strict):
 
 
 NonEmptyText = Annotated[str, Field(min_length=1)]
-NonEmptyIds = Annotated[list[int], Field(min_length=1)]
+NonEmptyIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
     # Never empty: no tokens to start from (a checkpoint that adds BOS could take "", but nothing is gained).
     prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | NonEmptyIds | Annotated[
         list[NonEmptyIds], Field(min_length=1)]
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Int(ge=1) | None = 16
+    logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int() | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         if self.suffix:
@@ -145,8 +158,8 @@ class CompletionRequest(SamplingFields):
 
 
 class ContentPart(Strict):
-    type: str
-    text: str | None = None
+    type: Literal["text"]  # this model reads text only
+    text: str
 
 
 class _Message(Strict):
@@ -189,9 +202,9 @@ MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True  # extension: False continues the last assistant message
     tools: list[dict[str, Any]] | None = None
@@ -428,4 +441,4 @@ TokenizeRequest = TokenizeCompletion | TokenizeChat  # vLLM's two forms: a promp
 
 class DetokenizeRequest(Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]

@@ -63,8 +63,7 @@ def test_nested_validation_errors_point_into_the_messages(tiny_server):
     r = chat(tiny_server, messages=[{"role": "wizard", "content": "Hi"}])
     assert_openai_error(r, 400, param="messages.0.role")
     r = chat(tiny_server, messages=[MESSAGES[0], {"role": "user", "content": [{"type": "image_url", "url": "x"}]}])
-    error = assert_openai_error(r, 400, param="messages.1.content")
-    assert "'image_url' are not supported" in error["message"]
+    assert_openai_error(r, 400, param="messages.1.content")  # text parts only
     r = chat(tiny_server, messages=[MESSAGES[0], {"role": "user", "content": [{"type": "text"}]}])
     assert_openai_error(r, 400, param="messages.1.content")
     assert_openai_error(chat(tiny_server, messages=[]), 400, param="messages")
