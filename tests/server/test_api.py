@@ -546,3 +546,14 @@ def test_each_message_role_has_its_own_schema(tiny_server):
     assert "tool_calls" in schemas["AssistantTurn"]["properties"]
     assert "tool_calls" not in schemas["UserMessage"]["properties"]
     assert_openai_error(r, 400, param="messages.1.tool_call_id")
+
+
+def test_token_ids_are_bounded_by_the_vocabulary_in_the_schema(tiny_server, tiny_llama3):
+    with tiny_server.http() as http:
+        schemas = http.get("/openapi.json").json()["components"]["schemas"]
+        too_big = http.post("/detokenize", json={"tokens": [tiny_llama3.config.vocab_size]})
+        as_float = http.post("/detokenize", json={"tokens": [1.0, 2]})
+    item = schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]
+    assert item["minimum"] == 0 and item["maximum"] == tiny_llama3.config.vocab_size - 1
+    assert too_big.status_code == 400
+    assert as_float.status_code == 200  # 1.0 is an integer, as JSON Schema counts
