@@ -25,8 +25,9 @@ from server.errors import APIError, to_api_error
 from server.limits import Limits
 from server.metrics import Metrics
 from server.sampling_params import ParamError
+from server.chat_messages import MESSAGE_ROLES, template_messages
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList,
-                             MESSAGE_ROLES, TokenizeChat, TokenizeRequest, now, template_messages)
+                             TokenizeChat, TokenizeRequest, now)
 from server.serving import ClientDisconnected
 from server.serving_chat import ChatServing
 from server.serving_completions import CompletionServing

@@ -6,34 +6,18 @@ as OpenAI-compatible servers commonly do. Each request turns itself into `Sampli
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from server import structured, tool_calls
+from server.chat_messages import ChatMessage, template_messages
+from server.protocol_base import Int, Strict, TokenId
 from server.sampling_params import MAX_LOGPROBS, ParamError, SamplingParams
 from server.structured import GrammarSpec
 from server.tool_calls import ToolCallFormat
-
-
-def _integral(value):
-    """1.0 is an integer as JSON Schema counts (and as clients send it); 1.5 and "1" stay errors."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def Int(**constraints):  # noqa: N802 - a type
-    """An integer request field within `constraints` (ge, le, ...); integral floats accepted (see `_integral`)."""
-    return Annotated[int, Field(**constraints), BeforeValidator(_integral)]
-
-# A token id: the OpenAPI document gets its upper bound, the model's vocabulary, once the model is loaded.
-TokenId = Annotated[int, Field(ge=0, json_schema_extra={"x-token-id": True}), BeforeValidator(_integral)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
 
 
 class StreamOptions(Strict):
@@ -157,49 +141,6 @@ class CompletionRequest(SamplingFields):
         return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
-class ContentPart(Strict):
-    type: Literal["text"]  # this model reads text only
-    text: str
-
-
-class _Message(Strict):
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if not isinstance(self.content, list):
-            return self.content or ""
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise ParamError(f"content parts of type {part.type!r} are not supported: this model reads "
-                                 "text only ('type': 'text' with a 'text' field)", "content")
-        return "\n".join(part.text for part in self.content)
-
-
-class SystemMessage(_Message):
-    role: Literal["system", "developer"]
-
-
-class UserMessage(_Message):
-    role: Literal["user"]
-
-
-class AssistantTurn(_Message):
-    role: Literal["assistant"]
-    tool_calls: list[dict[str, Any]] | None = None  # the calls it made
-
-
-class ToolMessage(_Message):
-    role: Literal["tool"]
-    content: str | list[ContentPart]  # the tool's result
-    tool_call_id: str                 # the call it answers
-
-
-# One schema per role, told apart by `role`, so that what each role needs is in the schema.
-ChatMessage = Annotated[SystemMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")]
-MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int(ge=1) | None = None
@@ -240,41 +181,6 @@ class ChatCompletionRequest(SamplingFields):
 
     def template_messages(self) -> list[dict[str, Any]]:
         return template_messages(self.messages)
-
-
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as chat templates take them: text content, `developer` read as `system`, the arguments of
-    assistant tool calls parsed from their JSON strings to objects (as templates expect)."""
-    out = []
-    for i, m in enumerate(messages):
-        try:
-            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        except ParamError as e:
-            raise ParamError(str(e), f"messages.{i}.content") from None
-        if m.name:
-            message["name"] = m.name
-        if isinstance(m, ToolMessage):
-            message["tool_call_id"] = m.tool_call_id
-        if isinstance(m, AssistantTurn) and m.tool_calls is not None:
-            message["tool_calls"] = [_template_tool_call(call, f"messages.{i}.tool_calls.{j}")
-                                     for j, call in enumerate(m.tool_calls)]
-            if not m.content:
-                message["content"] = None
-        out.append(message)
-    return out
-
-
-def _template_tool_call(call: Any, param: str) -> dict[str, Any]:
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise ParamError("a tool call needs {'type': 'function', 'function': {'name', 'arguments'}}", param)
-    arguments = function.get("arguments", "{}")
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ParamError(f"tool call arguments are not valid JSON: {e}", f"{param}.function.arguments") from None
-    return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
 # -- responses ---------------------------------------------------------------------------------------------------
