@@ -257,7 +257,7 @@ def test_dataset_prompts_are_counted_by_the_server(bench_server, tmp_path):
 @pytest.mark.parametrize("flags, status", [
     (["--model", "no-such-model"], "HTTP 404: the model 'no-such-model' does not exist"),
     (["--input-len", str(MAX_MODEL_LEN + 10)], "HTTP 400: this model's maximum context length is"),
-    (["--extra-body", '{"max_tokens": -5}'], "HTTP 400: max_tokens must be at least 1"),
+    (["--extra-body", '{"max_tokens": -5}'], "HTTP 400: max_tokens: Input should be greater than or equal to 1"),
 ])
 def test_server_errors_are_counted_not_raised(bench_server, tmp_path, flags, status):
     code, report = run_bench(tmp_path, "--base-url", bench_server.url, "--num-prompts", "2", "--input-len", "8",
