@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -156,8 +157,6 @@ def without_tool_syntax(messages: list[dict], tools: list[dict]) -> list[dict]:
     """For a chat template that knows nothing of tools: the tools described in the system message (as Llama
     3.1's JSON tool-calling prompt does), earlier calls written out as the JSON the model is asked to produce,
     and tool results as messages of role "tool"."""
-    import json
-
     described = describe_tools(tools)
     out = [dict(m) for m in messages]
     if out and out[0]["role"] == "system":
