@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import __version__
 from server.async_engine import AsyncEngine
 from server.errors import APIError, to_api_error
-from server.limits import Limits
+from server.limits import Limits, describe_limits
 from server.metrics import Metrics
 from server.sampling_params import ParamError
 from server.chat_messages import MESSAGE_ROLES, template_messages
@@ -95,9 +95,33 @@ ERROR_MEANINGS = {400: "invalid request", 401: "missing or wrong API key", 404: 
                   500: "the model step failed", 503: "not ready, overloaded or shutting down (see Retry-After)"}
 
 
+def below(n: int) -> str:
+    """A regular expression for the decimal numbers 0 .. n-1, without leading zeros (n >= 1): how a token id
+    written as a JSON object key is bounded by the vocabulary."""
+    top = str(n - 1)
+    parts = ["0"] if n > 0 else []
+    for length in range(1, len(top)):  # every number with fewer digits than n-1
+        parts.append("[1-9]" + (f"[0-9]{{{length - 1}}}" if length > 1 else ""))
+    for i, digit in enumerate(top):  # same length: equal to n-1 up to position i, then a smaller digit
+        low = "1" if i == 0 else "0"
+        if digit > low or (i == len(top) - 1 and digit >= low):
+            hi = digit if i == len(top) - 1 else str(int(digit) - 1)
+            if hi >= low:
+                rest = len(top) - i - 1
+                parts.append(top[:i] + f"[{low}-{hi}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    return "|".join(dict.fromkeys(p for p in parts if p != "[1-0]"))
+
+
 def error_responses(*statuses: int) -> dict:
     """OpenAPI entries for the error statuses a route may answer, all with OpenAI's error body."""
     return {status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
+
+
+# With "stream": true the 200 is a stream of server-sent events; each event's data is a chunk object as JSON,
+# the last one "[DONE]" (OpenAPI before 3.2 has `schema` describe one event).
+STREAMABLE = {200: {"description": "The response, or with stream set, its chunks as server-sent events",
+                    "content": {"text/event-stream": {"schema": {
+                        "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}}}}
 
 
 class BodyLimit:
@@ -165,6 +189,8 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
                 if isinstance(node, dict):
                     if node.get("x-token-id"):
                         node["maximum"] = vocab - 1
+                    if node.get("x-token-id-key"):
+                        node["pattern"] = f"^({below(vocab)})$"
                     for value in node.values():
                         bound(value)
                 elif isinstance(node, list):
@@ -173,6 +199,11 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
 
             bound(schema)
             schema["x-vocab-bound"] = True
+        describe_limits(schema, state.limits)
+        # The model ids GET /v1/models lists are the ones GET /v1/models/{model_id} knows (an OpenAPI link).
+        one_model = schema["paths"]["/v1/models/{model_id}"]["get"]["operationId"]
+        schema["paths"]["/v1/models"]["get"]["responses"]["200"]["links"] = {"GetModel": {
+            "operationId": one_model, "parameters": {"model_id": "$response.body#/data/0/id"}}}
         return schema
 
     app.openapi = openapi
@@ -291,14 +322,14 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
         return card().model_dump()
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)],
-              responses=error_responses(400, 401, 404, 408, 413, 500, 503))
+              responses=STREAMABLE | error_responses(400, 401, 404, 408, 413, 500, 503))
     async def completions(body: CompletionRequest, raw: Request):
         state.ready()
         check_limits(body)
         return await run(state.completions.create(body, raw))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)],
-              responses=error_responses(400, 401, 404, 408, 413, 500, 503))
+              responses=STREAMABLE | error_responses(400, 401, 404, 408, 413, 500, 503))
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         state.ready()
         check_limits(body)

@@ -38,9 +38,21 @@ class UserMessage(_Message):
     role: Literal["user"]
 
 
+class CalledFunction(Strict):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # JSON text as OpenAI sends it (an object is taken too)
+
+
+class ToolCall(Strict):
+    """A call an earlier assistant turn made, as the response carried it."""
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class AssistantTurn(_Message):
     role: Literal["assistant"]
-    tool_calls: list[dict[str, Any]] | None = None  # the calls it made
+    tool_calls: list[ToolCall] | None = None  # the calls it made
 
 
 class ToolMessage(_Message):
@@ -68,22 +80,20 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if isinstance(m, ToolMessage):
             message["tool_call_id"] = m.tool_call_id
         if isinstance(m, AssistantTurn) and m.tool_calls is not None:
-            message["tool_calls"] = [_template_tool_call(call, f"messages.{i}.tool_calls.{j}")
-                                     for j, call in enumerate(m.tool_calls)]
+            message["tool_calls"] = [_template_tool_call(call) for call in m.tool_calls]
             if not m.content:
                 message["content"] = None
         out.append(message)
     return out
 
 
-def _template_tool_call(call: Any, param: str) -> dict[str, Any]:
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise ParamError("a tool call needs {'type': 'function', 'function': {'name', 'arguments'}}", param)
-    arguments = function.get("arguments", "{}")
+def _template_tool_call(call: ToolCall) -> dict[str, Any]:
+    """Arguments parsed from their JSON text to an object, as templates expect. Text that is not a JSON
+    object (a model may have produced it) is passed on as it is: the history is the client's to give."""
+    arguments = call.function.arguments
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ParamError(f"tool call arguments are not valid JSON: {e}", f"{param}.function.arguments") from None
-    return {"id": call.get("id"), "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        except json.JSONDecodeError:
+            pass
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}

@@ -30,7 +30,12 @@ class DeadlineExceeded(RuntimeError):
 
 
 class GrammarViolation(RuntimeError):
-    """A constrained sequence reached a point where its grammar allows no token: it ends with this error."""
+    """A constrained sequence reached a point where its grammar allows no token (min_tokens forbids the stop token
+    it needs): the request ends with this error, which names the constraint's field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -89,8 +94,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_prompt(prompt_ids)
-        if any(not 0 <= t < self.model_config.vocab_size for t in params.logit_bias):
-            raise ParamError(f"logit_bias token ids must be in [0, {self.model_config.vocab_size})", "logit_bias")
+        vocab = self.model_config.vocab_size
+        for param, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ParamError(f"{param} token ids must be in [0, {vocab})", param)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         eos = self.tokenizer.eos_token_ids
@@ -169,6 +176,10 @@ class LLMEngine:
                 continue
             try:
                 delta = self._append_token(request, seq, samples, j, now)
+            except GrammarViolation as e:  # the request's own constraints conflict: its error, not ours
+                log.info("request %s ended: %s", seq.request_id, e)
+                outputs[seq.request_id] = self._fail(seq.request_id, e)
+                continue
             except Exception as e:  # a failure in one request's output handling fails that request alone
                 log.exception("request %s failed", seq.request_id)
                 outputs[seq.request_id] = self._fail(seq.request_id, e)
@@ -190,7 +201,7 @@ class LLMEngine:
         token = samples.token_ids[j]
         if seq.matcher is not None and not seq.matcher.accept_token(token):
             raise GrammarViolation(f"the output constraint allows no token after {len(seq.output_ids)} generated "
-                                   "tokens (max_tokens or min_tokens may conflict with it)")
+                                   "tokens (min_tokens may conflict with it)", seq.params.grammar_param)
         seq.output_ids.append(token)
         self.generation_tokens_total += 1
         if seq.first_token_time is None:
@@ -200,6 +211,9 @@ class LLMEngine:
             top = list(zip(samples.top_token_ids[j], samples.top_logprobs[j]))
             logprobs = [TokenLogprob(token, samples.logprobs[j], top)]
         text, finish, stop = request.processors[seq.index].append(token, len(seq.output_ids), seq.max_tokens)
+        if finish is None and seq.matcher is not None and seq.matcher.is_terminated():
+            raise GrammarViolation("the output constraint is complete but the request asks for more tokens "
+                                   "(min_tokens may conflict with it)", seq.params.grammar_param)
         if finish is not None:
             seq.finish(finish, stop)
             self.scheduler.free(seq)

@@ -39,7 +39,7 @@ def to_api_error(error: BaseException) -> APIError:
     if isinstance(error, DeadlineExceeded):
         return APIError(408, str(error), type="timeout_error", code="request_timeout")
     if isinstance(error, GrammarViolation):
-        return APIError(500, str(error), type="server_error", code="structured_output_error")
+        return APIError(400, str(error), param=error.param, code="structured_output_error")
     if isinstance(error, EngineDead):
         return APIError(503, str(error), type="server_error", code="engine_unavailable")
     return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error", code="internal_error")

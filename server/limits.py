@@ -45,7 +45,11 @@ class Limits:
         over(body.n, self.n, "n", "n")
         for param in ("max_tokens", "max_completion_tokens"):
             value = getattr(body, param, None)
-            if value is not None:
+            if value is None:
+                continue
+            if param not in body.model_fields_set:  # a default (completions' 16) is lowered, not refused
+                setattr(body, param, min(value, self.max_tokens))
+            else:
                 over(value, self.max_tokens, param, param)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         over(len(stops), self.stop, "stop", "the number of stop strings")
@@ -58,3 +62,34 @@ class Limits:
         messages = getattr(body, "messages", None)
         if messages is not None:
             over(len(messages), self.messages, "messages", "the number of messages")
+
+
+def describe_limits(schema: dict, limits: Limits) -> None:
+    """State the limits in the OpenAPI document's request schemas, so that clients and fuzzers see them."""
+    def branches(prop: dict) -> list[dict]:
+        return prop.get("anyOf", [prop])
+
+    def lower(node: dict, key: str, value: int) -> None:
+        node[key] = min(node.get(key, value), value)
+
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+        for field, limit in (("n", limits.n), ("max_tokens", limits.max_tokens),
+                             ("max_completion_tokens", limits.max_tokens)):
+            for branch in branches(props.get(field, {})):
+                if branch.get("type") == "integer":
+                    lower(branch, "maximum", limit)
+        for branch in branches(props.get("stop", {})):
+            if branch.get("type") == "string":
+                lower(branch, "maxLength", limits.stop_length)
+            elif branch.get("type") == "array":
+                lower(branch, "maxItems", limits.stop)
+                lower(branch["items"], "maxLength", limits.stop_length)
+        for branch in branches(props.get("logit_bias", {})):
+            if branch.get("type") == "object":
+                lower(branch, "maxProperties", limits.logit_bias)
+        for branch in branches(props.get("prompt", {})):
+            if branch.get("type") == "array" and branch.get("items", {}).get("type") != "integer":
+                lower(branch, "maxItems", limits.prompts)
+        if "messages" in props:
+            lower(props["messages"], "maxItems", limits.messages)

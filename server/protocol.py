@@ -6,11 +6,13 @@ as OpenAI-compatible servers commonly do. Each request turns itself into `Sampli
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic.json_schema import SkipJsonSchema
 
 from server import structured, tool_calls
 from server.chat_messages import ChatMessage, template_messages
@@ -24,8 +26,37 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+Choices = Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+
+
+class StructuredOutputs(Strict):
+    """vLLM's `structured_outputs`: one of json (a JSON schema), regex, choice, grammar (EBNF) or json_object."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: Choices | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # vLLM's options for its own backends: accepted, nothing to do here.
+    disable_fallback: bool | None = None
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool | None = None
+    whitespace_pattern: str | None = None
+
+
+TOKEN_ID_KEY = "0|[1-9][0-9]*"  # a token id as a JSON object key: decimal, no sign, no leading zeros
+
+# Rules between fields, in the schema too (JSON Schema `if`/`then`), so that clients and fuzzers see them.
+STREAM_OPTIONS_NEED_STREAM = {"if": {"required": ["stream_options"], "properties": {"stream_options": {
+    "type": "object"}}}, "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}}
+TOP_LOGPROBS_NEED_LOGPROBS = {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {
+    "type": "integer"}}}, "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}}
+
+
 class SamplingFields(Strict):
     """What both endpoints share: OpenAI's sampling fields plus the usual vLLM extensions."""
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={
+        "allOf": [STREAM_OPTIONS_NEED_STREAM]})
 
     # The ranges SamplingParams enforces, stated in the schema too, so that clients and fuzzers see them.
     model: str | None = None
@@ -38,8 +69,11 @@ class SamplingFields(Strict):
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: Int(ge=-(2**63), lt=2**64) | None = None
+    # Keys are token ids written as JSON object keys (strings of digits).
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
+                          Field(json_schema_extra={"propertyNames": {"pattern": f"^({TOKEN_ID_KEY})$",
+                                                                     "x-token-id-key": True}})] | None = None
+    seed: Int() | None = None  # any integer: samples are seeded with (seed + i) mod 2**64
     user: str | None = None
     # extensions
     top_k: Int(ge=-1) | None = None
@@ -51,10 +85,10 @@ class SamplingFields(Strict):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     response_format: ResponseFormat | None = None
-    structured_outputs: dict[str, Any] | None = None  # vLLM's: json, regex, choice, grammar, json_object
-    guided_json: dict[str, Any] | str | None = None    # vLLM's older spelling of the same
+    structured_outputs: StructuredOutputs | None = None  # vLLM's
+    guided_json: dict[str, Any] | str | None = None      # vLLM's older spelling of the same
     guided_regex: str | None = None
-    guided_choice: list[str] | None = None
+    guided_choice: Choices | None = None
     guided_grammar: str | None = None
 
     def grammar_spec(self) -> GrammarSpec | None:
@@ -62,7 +96,7 @@ class SamplingFields(Strict):
         specs = []
         if self.response_format is not None and self.response_format.type != "text":
             specs.append(self.response_format.spec())
-        outputs = dict(self.structured_outputs or {})
+        outputs = self.structured_outputs.model_dump(exclude_none=True, by_alias=True) if self.structured_outputs else {}
         for old, new in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
                          ("guided_grammar", "grammar")):
             if getattr(self, old) is not None:
@@ -77,10 +111,9 @@ class SamplingFields(Strict):
                          prompt_logprobs: int | None = None) -> SamplingParams:
         bias = {}
         for key, value in (self.logit_bias or {}).items():
-            try:
-                bias[int(key)] = value
-            except ValueError:
-                raise ParamError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+            if not re.fullmatch(TOKEN_ID_KEY, key):
+                raise ParamError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            bias[int(key)] = value
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options is only allowed when stream is true", "stream_options")
         return SamplingParams(
@@ -129,12 +162,12 @@ class CompletionRequest(SamplingFields):
     max_tokens: Int(ge=1) | None = 16
     logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = None
     echo: bool = False
-    suffix: str | None = None
-    best_of: Int() | None = None
+    suffix: Annotated[str, Field(max_length=0)] | None = None  # insertion is not supported
+    # Legacy in OpenAI's API and gone from vLLM's: only best_of equal to n is served, so the schema leaves it
+    # out (no JSON Schema can say "equal to n"); a request that sends another value still gets a 400.
+    best_of: SkipJsonSchema[Int() | None] = None
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.suffix:
-            raise ParamError("suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise ParamError("best_of is not supported (only best_of equal to n)", "best_of")
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
@@ -142,6 +175,9 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={
+        "allOf": [STREAM_OPTIONS_NEED_STREAM, TOP_LOGPROBS_NEED_LOGPROBS]})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int(ge=1) | None = None
     logprobs: bool = False

@@ -38,6 +38,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     grammar: Any = None                  # a compiled grammar (server/structured.py) every sample must follow
+    grammar_param: str | None = None     # the request field the grammar came from, for errors
     timeout: float | None = None         # seconds from arrival; None: the server's --request-timeout
 
     def __post_init__(self):
@@ -67,7 +68,6 @@ class SamplingParams:
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
              f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}"),
             (len(self.stop) <= 16, "stop", "at most 16 stop sequences"),
-            (self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "seed out of range"),
             (self.timeout is None or 0 < self.timeout <= 86400, "X-Request-Timeout",
              "the request timeout must be between 0 and 86400 seconds"),
         ]

@@ -85,8 +85,13 @@ class Serving:
 
     async def constrain(self, params: SamplingParams, spec: GrammarSpec | None) -> None:
         """Compile the request's output constraint (off the event loop, cached) into `params.grammar`."""
-        if spec is not None:
-            params.grammar = await (await self.grammars.get()).compile_async(spec)
+        if spec is None:
+            return
+        if params.ignore_eos:
+            raise ParamError("ignore_eos cannot be combined with an output constraint: the constraint ends the "
+                             "output with a stop token", spec.param)
+        params.grammar = await (await self.grammars.get()).compile_async(spec)
+        params.grammar_param = spec.param
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:

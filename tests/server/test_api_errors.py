@@ -383,6 +383,16 @@ def test_operator_limits_are_400s_naming_the_field(tiny_llama3):
                                                 "stop": "x"})
         assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
         assert_openai_error(http.post("/v1/completions", json={"model": TINY_NAME, "prompt": "x" * 3000}), 413)
+        # The OpenAPI document states the same limits.
+        schemas = http.get("/openapi.json").json()["components"]["schemas"]
+        completion, chat = schemas["CompletionRequest"]["properties"], schemas["ChatCompletionRequest"]["properties"]
+        assert completion["n"]["maximum"] == 2 and chat["messages"]["maxItems"] == 2
+        assert {b.get("maximum") for b in completion["max_tokens"]["anyOf"]} == {10, None}
+        assert {b.get("maximum") for b in chat["max_completion_tokens"]["anyOf"]} == {10, None}
+        assert {(b.get("maxItems"), b.get("maxLength")) for b in completion["stop"]["anyOf"]} == {
+            (None, 5), (1, None), (None, None)}
+        assert [b.get("maxProperties") for b in completion["logit_bias"]["anyOf"]] == [1, None]
+        assert [b.get("maxItems") for b in completion["prompt"]["anyOf"]] == [None, 2, None, 2]
 
 
 def test_request_logs_carry_text_only_with_log_requests(tiny_llama3, caplog):

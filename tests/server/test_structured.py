@@ -318,15 +318,19 @@ def test_scanner_gives_the_same_calls_whatever_the_chunking():
         assert [v[1].name for k, v in events if k == "call"] == ["get_weather", "get_time"], size
 
 
-def test_a_grammar_that_allows_nothing_ends_the_request_with_a_clear_error(smol_server):
-    """After "yes" the grammar allows only a stop token, which min_tokens forbids: no token is allowed, so the
-    request fails with an error rather than a garbage token, and the server keeps serving."""
+@pytest.mark.parametrize("conflict, words", [({"min_tokens": 5}, "allows no token"),
+                                             ({"ignore_eos": True}, "ignore_eos cannot be combined")])
+def test_a_grammar_that_allows_nothing_ends_the_request_with_a_clear_error(smol_server, conflict, words):
+    """After "yes" the grammar allows only a stop token. min_tokens forbids it: no token is allowed, and the
+    request fails with a 400 naming the constraint rather than a garbage token or a failed step. ignore_eos would
+    run past the constraint's end: refused up front. The server keeps serving."""
     with smol_server.http() as http:
         response = http.post("/v1/completions", json={
-            "model": smol_server.model, "prompt": "Answer:", "max_tokens": 10, "min_tokens": 5, "temperature": 0,
-            "structured_outputs": {"choice": ["yes"]}})
-        error = assert_openai_error(response, 500, code="structured_output_error", type="server_error")
-        assert "allows no token" in error["message"]
+            "model": smol_server.model, "prompt": "Answer:", "max_tokens": 10, "temperature": 0,
+            "structured_outputs": {"choice": ["yes"]}, **conflict})
+        error = assert_openai_error(response, 400, param="structured_outputs.choice", code="structured_output_error"
+                                    if "min_tokens" in conflict else None)
+        assert words in error["message"]
         ok = http.post("/v1/completions", json={"model": smol_server.model, "prompt": "Answer:", "max_tokens": 3,
                                                 "structured_outputs": {"choice": ["yes"]}})
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "yes"
