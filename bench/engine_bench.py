@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--max-model-len", type=int, default=None,
-                        help="KV cache slot length (default: prompt + output + 1)")
+                        help="tokens per sequence (default: prompt + output + 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -1,5 +1,6 @@
 """Grouped-query attention over the preallocated KV cache: SDPA, and a plain reference path for tests.
 
+The cache is paged (model/kv_cache.py): each sequence reads its keys and values through its block table.
 Decode attention (one new token per sequence) is a custom op, `llama3::decode_attention`: it writes the new
 keys and values into the cache and attends over each sequence's cached prefix. Being one opaque op, it can sit
 inside a compiled decode step while the lengths it reads change every step. The query heads that share a KV
@@ -40,36 +41,49 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
 
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` rows held by `blocks` ([..., nb] ids into cache [blocks, Hkv, S, D]) as [..., Hkv, length, D].
+    A single block is a view; several are gathered (a copy)."""
+    S = cache.shape[2]
+    if blocks.dim() == 1 and blocks.shape[0] == 1:
+        return cache[int(blocks[0])][:, :length]
+    kv = cache[blocks]  # [..., nb, Hkv, S, D]
+    kv = kv.transpose(-3, -4)  # [..., Hkv, nb, S, D]
+    return kv.reshape(*kv.shape[:-3], kv.shape[-3] * S, kv.shape[-1])[..., :length, :]
+
+
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, lens: torch.Tensor,
-                      host: torch.Tensor, reference: bool) -> torch.Tensor:
-    """q [B, H, D], k and v [B, Hkv, D] at `positions` of cache `slots`; lens [B] tokens to attend (the new one
-    included); `host` is [slots; lens] again as a CPU tensor [2, B], read without a device sync. Rows with
-    length 0 are padding: nothing is written for them and their output is zero."""
+                      v_cache: torch.Tensor, tables: torch.Tensor, host: torch.Tensor,
+                      reference: bool) -> torch.Tensor:
+    """q [B, H, D], k and v [B, Hkv, D] of each row's newest token; `tables` [B, W]: each row's length (tokens to
+    attend, the new one included), then its block table; `host` is the same on the CPU, read without a device
+    sync. The new K/V are written at position length - 1 first. Rows with length 0 are padding: nothing is
+    written for them and their output is zero."""
     B, H, D = q.shape
-    Hkv = k_cache.shape[1]
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
     kernel = None if reference or q.device.type != "cpu" else decode_attention_kernel(q.dtype)
     if kernel is not None:  # writes the new rows and reads each sequence's own tokens, nothing else
         return kernel(q.view(B, Hkv, H // Hkv, D), k, v, k_cache, v_cache, host).view(B, H, D)
 
-    host_slots, lengths = host.tolist()
+    rows = host.tolist()
+    lengths = [r[0] for r in rows]
     n = B - lengths.count(0)
     if any(length == 0 for length in lengths[:n]):
         raise ValueError("padding rows of a decode batch must come last")
     out = torch.zeros_like(q)
     if n == 0:
         return out
-    slots, positions = slots[:n], positions[:n]
-    k_cache[slots, :, positions] = k[:n]  # two advanced indices around a slice: [n, Hkv, D]
-    v_cache[slots, :, positions] = v[:n]
+    last = [((r[0] - 1) // S, (r[0] - 1) % S) for r in rows[:n]]
+    blocks = torch.tensor([rows[i][1 + j] for i, (j, _) in enumerate(last)], device=q.device)
+    offsets = torch.tensor([o for _, o in last], device=q.device)
+    k_cache[blocks, :, offsets] = k[:n]  # two advanced indices around a slice: [n, Hkv, D]
+    v_cache[blocks, :, offsets] = v[:n]
     queries = q[:n].view(n, Hkv, H // Hkv, D)  # the query heads of one KV head are its query rows
     L = max(lengths[:n])
-    first = host_slots[0]
-    if host_slots[:n] == list(range(first, first + n)):  # consecutive slots: a view
-        keys, values = k_cache[first:first + n, :, :L], v_cache[first:first + n, :, :L]  # [n, Hkv, L, D]
-    else:  # a gather: copies the live prefix of each slot
-        keys, values = k_cache[slots, :, :L], v_cache[slots, :, :L]
-    mask = (torch.arange(L, device=q.device) < lens[:n, None])[:, None, None, :]  # [n, 1, 1, L]
+    nb = -(-L // S)
+    table = tables[:n, 1:1 + nb]  # [n, nb]
+    keys, values = gather_blocks(k_cache, table, L), gather_blocks(v_cache, table, L)  # [n, Hkv, L, D]
+    mask = (torch.arange(L, device=q.device) < tables[:n, :1])[:, None, None, :]  # [n, 1, 1, L]
     if reference:
         attended = reference_attention(queries.reshape(n * Hkv, 1, H // Hkv, D), keys.reshape(n * Hkv, 1, L, D),
                                        values.reshape(n * Hkv, 1, L, D), mask.repeat_interleave(Hkv, 0))
@@ -82,12 +96,12 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 # A schema-defined op rather than `torch.library.custom_op`: its dispatch costs a few microseconds, not tens.
 _library = torch.library.Library("llama3", "DEF")
 _library.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-                "Tensor slots, Tensor positions, Tensor lens, Tensor host, bool reference) -> Tensor")
+                "Tensor tables, Tensor host, bool reference) -> Tensor")
 _library.impl("decode_attention", _decode_attention, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("llama3::decode_attention")
-def _(q, k, v, k_cache, v_cache, slots, positions, lens, host, reference):
+def _(q, k, v, k_cache, v_cache, tables, host, reference):
     return torch.empty_like(q)
 
 
@@ -124,21 +138,21 @@ class Attention(nn.Module):
         v = v.view(N, self.num_kv_heads, self.head_dim)
         reference = self.impl == "reference"
         if not batch.prefills:  # decode only: the shape a compiled step sees
-            out = decode_attention(q, k, v, k_cache, v_cache, batch.decode_slots, batch.positions,
-                                   batch.decode_lens, batch.decode_host, reference)
+            out = decode_attention(q, k, v, k_cache, v_cache, batch.decode_tables, batch.decode_host, reference)
             return project(self.o_proj, out.view(N, self.num_heads * self.head_dim), B)
 
         out = torch.empty_like(q)  # [N, H, D]
         if B:
-            out[:B] = decode_attention(q[:B], k[:B], v[:B], k_cache, v_cache, batch.decode_slots,
-                                       batch.positions[:B], batch.decode_lens, batch.decode_host, reference)
-        # Prefill rows: one write for all of them, then each chunk attends over a view of its slot.
-        k_cache[batch.slot_ids[B:], :, batch.positions[B:]] = k[B:]
-        v_cache[batch.slot_ids[B:], :, batch.positions[B:]] = v[B:]
+            out[:B] = decode_attention(q[:B], k[:B], v[:B], k_cache, v_cache, batch.decode_tables,
+                                       batch.decode_host, reference)
+        # Prefill rows: one write for all of them, then each chunk attends over its blocks.
+        k_cache[batch.write_blocks[B:], :, batch.write_rows[B:]] = k[B:]
+        v_cache[batch.write_blocks[B:], :, batch.write_rows[B:]] = v[B:]
         attend = reference_attention if reference else sdpa_attention
         for span in batch.prefills:
-            keys = k_cache[span.slot, :, : span.context_len].unsqueeze(0)  # [1, Hkv, L, D], a view
-            values = v_cache[span.slot, :, : span.context_len].unsqueeze(0)
+            blocks = torch.tensor(span.blocks, device=q.device)
+            keys = gather_blocks(k_cache, blocks, span.context_len).unsqueeze(0)  # [1, Hkv, L, D]
+            values = gather_blocks(v_cache, blocks, span.context_len).unsqueeze(0)
             queries = q[span.rows].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
             out[span.rows] = attend(queries, keys, values, span.mask)[0].transpose(0, 1)
         return project(self.o_proj, out.view(N, self.num_heads * self.head_dim), B)

@@ -1,14 +1,18 @@
 """The explicit batch one forward pass runs over: packed tokens of many sequences, each at its own position.
 
+Each chunk names the cache blocks that hold its sequence (its block table): token t sits in row t % block_size
+of block blocks[t // block_size]. Without a block size, a sequence's one block holds all of it (a cache of
+"slots": KVCache(config, num_slots, max_len) with chunk.blocks == (slot,)), which the model tests use.
+
 Chunks that decode (one generated token of a sequence) form the *decode group*: their attention is one batched
-call over the cache rows of their slots, and quantised layers multiply them with their packed weights. Other
-chunks (prompt tokens) each get their own attention call over a view of their slot. The caller lists decode
-chunks first, so the decode group's tokens are the leading rows of the packed batch.
+call through their block tables, and quantised layers multiply them with their packed weights. Other chunks
+(prompt tokens) each get their own attention call over their blocks. The caller lists decode chunks first, so
+the decode group's tokens are the leading rows of the packed batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,11 +21,16 @@ import torch
 class SequenceChunk:
     """New tokens of one sequence for this step: they sit at positions [start, start + len(token_ids))."""
 
-    slot: int
+    slot: int                 # the sequence's block when `blocks` is not given (a cache of slots)
     start: int
     token_ids: list[int]
     all_logits: bool = False  # logits for every new token (prompt logprobs), not just the last
     decode: bool | None = None  # a generated token; None: any single-token chunk counts as one
+    blocks: tuple[int, ...] = field(default=())  # the block table, covering at least [0, end)
+
+    @property
+    def table(self) -> tuple[int, ...]:
+        return self.blocks or (self.slot,)
 
     @property
     def end(self) -> int:
@@ -35,8 +44,8 @@ class SequenceChunk:
 @dataclass(frozen=True)
 class PrefillSpan:
     rows: slice            # rows of the packed batch
-    slot: int
-    context_len: int       # keys [0, context_len) of the slot are attended
+    blocks: tuple[int, ...]    # the blocks holding keys [0, context_len)
+    context_len: int       # keys [0, context_len) of the sequence are attended
     mask: torch.Tensor | None  # [T, context_len] bool, None when plain causal (start == 0)
 
 
@@ -44,12 +53,13 @@ class PrefillSpan:
 class ForwardBatch:
     input_ids: torch.Tensor       # [N] int64
     positions: torch.Tensor       # [N] int64
-    slot_ids: torch.Tensor        # [N] int64, the cache slot each token writes to
+    write_blocks: torch.Tensor    # [N] int64, the cache block each token's K/V go to
+    write_rows: torch.Tensor      # [N] int64, and the row within it
     logits_indices: torch.Tensor  # [M] rows whose logits the forward returns; the decode rows' come first
     num_decode: int               # leading rows that form the decode group
-    decode_slots: torch.Tensor    # [num_decode] int64
-    decode_lens: torch.Tensor     # [num_decode] int64, tokens each decode row attends to (itself included)
-    decode_host: torch.Tensor     # [2, num_decode] int64 on the CPU: decode_slots and decode_lens again
+    decode_tables: torch.Tensor   # [num_decode, W] int64: tokens each decode row attends to (itself included),
+    #                               then its block table (padded with 0)
+    decode_host: torch.Tensor     # the same on the CPU, read by the attention op without a device sync
     max_position: int             # known on the host, so bounds are checked without a device sync
     prefills: tuple[PrefillSpan, ...]
 
@@ -58,7 +68,9 @@ class ForwardBatch:
         return self.input_ids.shape[0]
 
     @classmethod
-    def build(cls, chunks: list[SequenceChunk], device: torch.device | str = "cpu") -> ForwardBatch:
+    def build(cls, chunks: list[SequenceChunk], device: torch.device | str = "cpu",
+              block_size: int | None = None) -> ForwardBatch:
+        """`block_size` None: each chunk's sequence sits in one block (its slot), row = position."""
         if not chunks:
             raise ValueError("a batch needs at least one sequence chunk")
         if any(not c.token_ids for c in chunks):
@@ -71,23 +83,34 @@ class ForwardBatch:
         if any(len(c.token_ids) != 1 for c in chunks[:num_decode]):
             raise ValueError("a decode chunk has exactly one token")
 
-        ids, positions, slots, logits_rows, prefills = [], [], [], [], []
+        def used(c: SequenceChunk, num_tokens: int) -> tuple[int, ...]:
+            table = c.table
+            needed = 1 if block_size is None else -(-num_tokens // block_size)
+            if len(table) < needed:
+                raise ValueError(f"a block table of {len(table)} blocks cannot hold {num_tokens} tokens")
+            return table[:needed]
+
+        ids, positions, blocks, rows, logits_rows, prefills = [], [], [], [], [], []
         for c in chunks:
             row = len(ids)
             n = len(c.token_ids)
+            table = used(c, c.end)
             ids.extend(c.token_ids)
             positions.extend(range(c.start, c.end))
-            slots.extend([c.slot] * n)
+            for p in range(c.start, c.end):
+                blocks.append(table[0] if block_size is None else table[p // block_size])
+                rows.append(p if block_size is None else p % block_size)
             logits_rows.extend(range(row, row + n) if c.all_logits else [row + n - 1])
             if not c.is_decode:
                 mask = None
                 if c.start:
                     q_pos = torch.arange(c.start, c.end, device=device)
                     mask = torch.arange(c.end, device=device)[None, :] <= q_pos[:, None]  # [T, end]
-                prefills.append(PrefillSpan(slice(row, row + n), c.slot, c.end, mask))
+                prefills.append(PrefillSpan(slice(row, row + n), table, c.end, mask))
 
-        decode = chunks[:num_decode]
-        host = torch.tensor([[c.slot for c in decode], [c.end for c in decode]], dtype=torch.long).view(2, -1)
+        decode = [(c.end, *used(c, c.end)) for c in chunks[:num_decode]]
+        width = max((len(d) for d in decode), default=1)
+        host = torch.tensor([d + (0,) * (width - len(d)) for d in decode], dtype=torch.long).view(-1, width)
 
         def as_tensor(values):
             return torch.tensor(values, dtype=torch.long, device=device)
@@ -95,11 +118,11 @@ class ForwardBatch:
         return cls(
             input_ids=as_tensor(ids),
             positions=as_tensor(positions),
-            slot_ids=as_tensor(slots),
+            write_blocks=as_tensor(blocks),
+            write_rows=as_tensor(rows),
             logits_indices=as_tensor(logits_rows),
             num_decode=num_decode,
-            decode_slots=host[0].to(device),
-            decode_lens=host[1].to(device),
+            decode_tables=host.to(device),
             decode_host=host,
             max_position=max(c.end for c in chunks) - 1,
             prefills=tuple(prefills),

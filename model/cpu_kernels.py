@@ -66,20 +66,21 @@ def decode_attention_kernel(dtype: torch.dtype):
         return None
     fn = getattr(library, _FUNCTIONS[dtype])
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8 + [ctypes.c_float]
 
     def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
-        """q [B, Hkv, G, D]; k, v [B, Hkv, D], written at position lens - 1 of their slot first; k_cache, v_cache
-        [slots, Hkv, L, D] with contiguous rows; host [2, B] int64 on the CPU: slots, lens (0: a padding row).
-        Returns [B, Hkv, G, D]."""
+        """q [B, Hkv, G, D]; k, v [B, Hkv, D], written at position len - 1 first; k_cache, v_cache [blocks, Hkv, S, D]
+        with contiguous rows; host [B, W] int64 on the CPU: each row's len (0: a padding row), then its block
+        table. Returns [B, Hkv, G, D]."""
         B, Hkv, G, D = q.shape
         if k_cache.stride() != v_cache.stride() or k_cache.stride()[2:] != (D, 1):
             raise ValueError("decode attention needs K and V caches with the same strides and contiguous rows")
         q, k, v, host = q.contiguous(), k.contiguous(), v.contiguous(), host.contiguous()
         out = torch.empty_like(q)
         fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
-           host.data_ptr(), host.data_ptr() + 8 * B, B, Hkv, G, D, k_cache.stride(0), k_cache.stride(1), D ** -0.5)
+           host.data_ptr(), host.shape[1], B, Hkv, G, D, k_cache.shape[2], k_cache.stride(0), k_cache.stride(1),
+           D ** -0.5)
         return out
 
     return decode_attention

@@ -1,4 +1,4 @@
-"""The KV cache: every layer's keys and values, allocated once for a fixed number of sequence slots."""
+"""The KV cache: every layer's keys and values in one pool of fixed-size blocks, allocated once at start-up."""
 
 from __future__ import annotations
 
@@ -8,23 +8,27 @@ from model.config import ModelConfig
 
 
 class KVCache:
-    """K and V as `[layers, slots, kv_heads, max_seq_len, head_dim]`; a sequence owns one slot for its life.
+    """K and V as `[layers, blocks, kv_heads, block_size, head_dim]`. A sequence's token t lives in row
+    t % block_size of block table[t // block_size], where `table` is the block table the scheduler keeps for it.
 
-    Writes are index assignments at (slot, position); attention reads views of the live prefix. Nothing
-    here is reallocated after construction.
+    Writes are index assignments at (block, row); attention reads through block tables. Nothing here is
+    reallocated after construction.
     """
 
-    def __init__(self, config: ModelConfig, num_slots: int, max_seq_len: int,
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        if num_slots <= 0 or max_seq_len <= 0:
-            raise ValueError(f"KV cache needs positive slots and length, got {num_slots} and {max_seq_len}")
-        self.num_slots = num_slots
-        self.max_seq_len = max_seq_len
-        shape = (config.num_hidden_layers, num_slots, config.num_key_value_heads, max_seq_len, config.head_dim)
-        # Zeroed, not just allocated: attention reads a slot's rows past its own length (masked out), and a
-        # masked NaN still poisons the softmax. Fresh CPU memory is not reliably zero (seen in the test suite).
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"KV cache needs positive blocks and block size, got {num_blocks} and {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (config.num_hidden_layers, num_blocks, config.num_key_value_heads, block_size, config.head_dim)
+        # Zeroed, not just allocated: a masked NaN in rows attention gathers but ignores still poisons a softmax.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
     @property
     def nbytes(self) -> int:

@@ -73,8 +73,8 @@ class Llama(nn.Module):
         (inference tensors cannot be mutated through views inside a compiled graph)."""
         # Not while compiling: the check reads a host int that changes every step, and a compiled step's
         # caller has checked its batch already.
-        if not torch.compiler.is_compiling() and batch.max_position >= min(self.max_seq_len, cache.max_seq_len):
-            raise ValueError(f"position {batch.max_position} is beyond the model's or the cache's maximum length")
+        if not torch.compiler.is_compiling() and batch.max_position >= self.max_seq_len:
+            raise ValueError(f"position {batch.max_position} is beyond the model's maximum length")
         x = self.model.embed_tokens(batch.input_ids)  # [N, dim]
         cos = self.rope_cos[batch.positions]  # [N, D/2]
         sin = self.rope_sin[batch.positions]

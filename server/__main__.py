@@ -44,8 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="run the decode step eagerly instead of compiling it")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--max-model-len", type=int, help="tokens per sequence, prompt and output (default 2048)")
-    p.add_argument("--max-num-seqs", type=int, help="sequences decoding at once = KV cache slots (default 32)")
+    p.add_argument("--max-model-len", type=int, help="tokens per sequence, prompt and output (default 2048); a "
+                   "limit, not a reservation: the KV cache is sized by --kv-cache-memory")
+    p.add_argument("--max-num-seqs", type=int, help="sequences decoding at once (default 32)")
+    p.add_argument("--kv-cache-memory", help="memory for the KV cache, e.g. 1GiB or 512MiB (default: room for "
+                   "--max-num-seqs sequences at --max-model-len, at most 4GiB; on CUDA see "
+                   "--gpu-memory-utilization)")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="on CUDA: the fraction of the device's memory this server may use, weights included; the "
+                   "KV cache gets what is left once the weights are loaded (as vLLM; e.g. 0.9)")
+    p.add_argument("--block-size", type=int, help="tokens per KV cache block (default 16)")
     p.add_argument("--max-num-batched-tokens", type=int, help="tokens per forward pass (default 512)")
     p.add_argument("--max-waiting", type=int, help="queued sequences before requests get 503 (default 512)")
     p.add_argument("--max-waiting-tokens", type=int,
@@ -55,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a request can set its own with the X-Request-Timeout header (default: no limit)")
     p.add_argument("--seed", type=int, help="seed for requests that give none (default 0)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                   help="reuse the K/V a freed slot holds for a new prompt's prefix (default on)")
+                   help="map a new prompt's leading full blocks onto cached ones (default on)")
     p.add_argument("--api-key", help=f"require this bearer key on every route but /health (or set {API_KEY_ENV})")
     p.add_argument("--api-key-file", help="a file of accepted keys, one a line (blank lines and # comments "
                    "skipped), with or instead of --api-key")

@@ -38,16 +38,14 @@ class PreparedDecode:
         self.sizes = list(range(1, max_batch + 1))
         self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.slots = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.lens = torch.zeros(max_batch, dtype=torch.long, device=device)
         # The weights never change after loading, so guards on the modules would only cost time every step; a C++
         # wrapper calls the generated kernels without the Python interpreter (1.5 ms a step at batch 1).
         self._compiled = torch.compile(self._forward, fullgraph=True, options={
             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
 
-    def _forward(self, input_ids, positions, slots, lens, host) -> torch.Tensor:
-        batch = ForwardBatch(input_ids=input_ids, positions=positions, slot_ids=slots, logits_indices=positions,
-                             num_decode=input_ids.shape[0], decode_slots=slots, decode_lens=lens,
+    def _forward(self, input_ids, positions, tables, host) -> torch.Tensor:
+        batch = ForwardBatch(input_ids=input_ids, positions=positions, write_blocks=positions, write_rows=positions,
+                             logits_indices=positions, num_decode=input_ids.shape[0], decode_tables=tables,
                              decode_host=host, max_position=0, prefills=())
         return self.model.run(batch, self.cache)
 
@@ -70,29 +68,36 @@ class PreparedDecode:
                  time.perf_counter() - start, os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"))
         return True
 
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        """Logits [n, vocab] (float32) of n decode rows: token i at positions[i] of cache slot slots[i]."""
+    def run(self, token_ids: list[int], positions: list[int], tables: list[tuple[int, ...]]) -> torch.Tensor:
+        """Logits [n, vocab] (float32) of n decode rows: token i at positions[i] of the sequence whose blocks are
+        tables[i]."""
         n = len(token_ids)
         size = self.size_for(n)
         if size is None:
             raise ValueError(f"a prepared decode step holds at most {self.max_batch} rows, got {n}")
-        return self._run_padded(size, list(zip(token_ids, positions, slots)))[:n]
+        return self._run_padded(size, list(zip(token_ids, positions, tables)))[:n]
 
-    def _run_padded(self, size: int, rows: list[tuple[int, int, int]]) -> torch.Tensor:
-        pad = [(0, 0, 0)] * (size - len(rows))
-        tokens, positions, slots = (list(column) for column in zip(*(rows + pad)))
-        lens = [p + 1 for p in positions[:len(rows)]] + [0] * len(pad)
-        host = torch.tensor([slots, lens], dtype=torch.long)  # [2, size], read by the attention op on the host
+    def _run_padded(self, size: int, rows: list[tuple[int, int, tuple[int, ...]]]) -> torch.Tensor:
+        S = self.cache.block_size
+        pad = [(0, 0, ())] * (size - len(rows))
+        tokens, positions, tables = (list(column) for column in zip(*(rows + pad)))
+        counts = [p // S + 1 for p in positions[:len(rows)]]  # blocks each row's tokens cover
+        width = 1 + max(counts, default=1)
+        # [size, width], read by the attention op on the host: length, then the blocks it covers (padding: 0s)
+        host = torch.tensor([[p + 1, *t[:nb]] + [0] * (width - 1 - nb) for p, t, nb in zip(positions, tables, counts)]
+                            + [[0] * width] * len(pad), dtype=torch.long)
         inputs = []
-        for buffer, values in ((self.input_ids, tokens), (self.positions, positions), (self.slots, host[0]),
-                               (self.lens, host[1])):
+        for buffer, values in ((self.input_ids, tokens), (self.positions, positions)):
             view = buffer[:size]
             view.copy_(torch.as_tensor(values), non_blocking=True)
             inputs.append(view)
+        tables_on_device = host if self.device.type == "cpu" else host.to(self.device, non_blocking=True)
         # The batch dimension stays symbolic, 1 included (an unbacked size is never specialised), so one graph,
-        # the same generated code, serves every batch size.
+        # the same generated code, serves every batch size; so does the tables' width.
         for t in inputs:
             torch._dynamo.decorators.mark_unbacked(t, 0)
-        torch._dynamo.decorators.mark_unbacked(host, 1)
+        for t in {id(host): host, id(tables_on_device): tables_on_device}.values():
+            torch._dynamo.decorators.mark_unbacked(t, 0)
+            torch._dynamo.decorators.mark_unbacked(t, 1)
         with torch.no_grad():
-            return self._compiled(*inputs, host)
+            return self._compiled(*inputs, tables_on_device, host)

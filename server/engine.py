@@ -6,9 +6,13 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
+from model.kv_cache import KVCache
 from model.loading import LoadedModel
 from model.tokenizer import Tokenizer
-from server.config import EngineConfig
+from server.block_pool import BlockPool
+from server.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
 from server.output import OutputProcessor, RequestMetrics, RequestOutput, SequenceDelta, TokenLogprob
 from server.runner import ModelRunner
 from server.sampling_params import ParamError, SamplingParams
@@ -49,6 +53,10 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     prefix_cache_hit_tokens: int
+    blocks_used: int = 0
+    num_blocks: int = 0
+    block_size: int = 0
+    num_preemptions: int = 0
     prefix_caching: bool = True
 
 
@@ -61,6 +69,28 @@ class _Request:
     deadline: float | None = None  # time.monotonic() by which it must finish
 
 
+def kv_cache_blocks(config: EngineConfig, model, max_model_len: int, dtype: torch.dtype) -> int:
+    """Blocks the KV cache gets: --kv-cache-memory bytes; on CUDA, --gpu-memory-utilization of the device
+    less what is in use once the weights are loaded; else room for every sequence at full length, at most
+    DEFAULT_KV_CACHE_MEMORY."""
+    per_block = KVCache.bytes_per_token(model.config, dtype) * config.block_size
+    if config.kv_cache_memory is not None:
+        budget = config.kv_cache_memory
+    elif torch.device(config.device).type == "cuda" and config.gpu_memory_utilization is not None:
+        free, total = torch.cuda.mem_get_info(torch.device(config.device))
+        # What the forward pass itself needs beyond the weights: its largest batch's activations, with margin.
+        activations = 4 * config.max_num_batched_tokens * model.config.vocab_size
+        budget = int(config.gpu_memory_utilization * total) - (total - free) - activations
+    else:
+        wanted = config.max_num_seqs * max_model_len * per_block // config.block_size
+        budget = min(wanted, DEFAULT_KV_CACHE_MEMORY)
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {config.block_size} tokens "
+                         f"({per_block} bytes)")
+    return int(blocks)
+
+
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig):
         self.config = config
@@ -69,11 +99,19 @@ class LLMEngine:
         self.consecutive_failures = 0
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.model_config = loaded.config
-        self.max_model_len = min(config.max_model_len, loaded.model.max_seq_len)
-        self.runner = ModelRunner(loaded.model, config.max_num_seqs, self.max_model_len, config.device,
-                                  compile_decode=not config.enforce_eager)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
-                                   prefix_reuse=config.enable_prefix_caching,
+        max_model_len = min(config.max_model_len, loaded.model.max_seq_len)
+        dtype = loaded.model.model.embed_tokens.weight.dtype
+        num_blocks = kv_cache_blocks(config, loaded.model, max_model_len, dtype)
+        if num_blocks * config.block_size < max_model_len:  # a sequence alone must always fit
+            log.warning("the KV cache holds %d tokens, fewer than --max-model-len %d: sequences are limited to %d",
+                        num_blocks * config.block_size, max_model_len, num_blocks * config.block_size)
+            max_model_len = num_blocks * config.block_size
+        self.max_model_len = max_model_len
+        self.runner = ModelRunner(loaded.model, config.max_num_seqs, num_blocks, config.block_size,
+                                  self.max_model_len, config.device, compile_decode=not config.enforce_eager)
+        self.scheduler = Scheduler(config.max_num_seqs, BlockPool(num_blocks, config.block_size),
+                                   config.max_num_batched_tokens, config.max_waiting,
+                                   prefix_caching=config.enable_prefix_caching,
                                    max_waiting_tokens=config.max_waiting_tokens)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
@@ -152,7 +190,7 @@ class LLMEngine:
         return self.consecutive_failures < UNHEALTHY_AFTER_FAILURES
 
     def _expire(self) -> list[RequestOutput]:
-        """Fail the requests past their deadline, freeing their cache slots before anything is scheduled."""
+        """Fail the requests past their deadline, freeing their cache blocks before anything is scheduled."""
         now = time.monotonic()
         late = [r for r in self.requests.values() if r.deadline is not None and now >= r.deadline]
         return [self._fail(r.request_id, DeadlineExceeded(
@@ -165,8 +203,8 @@ class LLMEngine:
         sample_index = 0
         for chunk in batch.chunks:
             seq = chunk.seq
-            seq.num_computed += len(chunk.token_ids)
-            if chunk.start < seq.num_prompt:
+            self.scheduler.computed(seq, len(chunk.token_ids))
+            if chunk.start < seq.num_prompt and not seq.num_preemptions:  # recomputation is not new prompt
                 self.prompt_tokens_total += min(seq.num_prompt, chunk.start + len(chunk.token_ids)) - chunk.start
             if not chunk.samples:
                 continue
@@ -245,14 +283,18 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt_ids, deltas, finished=True, metrics=metrics)
 
     def stats(self) -> EngineStats:
-        running = self.scheduler.running
+        running, blocks = self.scheduler.running, self.scheduler.blocks
         return EngineStats(
             running=len(running),
             waiting=len(self.scheduler.waiting),
             slots_used=self.scheduler.num_slots - self.scheduler.num_free_slots,
             num_slots=self.scheduler.num_slots,
             tokens_in_cache=sum(s.num_computed for s in running),
-            cache_capacity_tokens=self.scheduler.num_slots * self.max_model_len,
+            cache_capacity_tokens=blocks.num_blocks * blocks.block_size,
+            blocks_used=blocks.num_used,
+            num_blocks=blocks.num_blocks,
+            block_size=blocks.block_size,
+            num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,

@@ -42,9 +42,12 @@ class _EngineCollector:
             return c
 
         shared = [(gauge, "num_requests_running", "Sequences in the running batch.", s.running),
-                  (gauge, "num_requests_waiting", "Sequences waiting for a KV cache slot.", s.waiting),
-                  (gauge, "kv_cache_usage_perc", "Fraction (0-1) of KV cache slots in use.",
-                   s.slots_used / s.num_slots),
+                  (gauge, "num_requests_waiting", "Sequences waiting to be scheduled (preempted ones included).",
+                   s.waiting),
+                  (gauge, "kv_cache_usage_perc", "Fraction (0-1) of KV cache blocks in use.",
+                   s.blocks_used / max(s.num_blocks, 1)),
+                  (counter, "num_preemptions", "Sequences preempted for want of KV cache blocks.",
+                   s.num_preemptions),
                   (counter, "prompt_tokens", "Prompt tokens prefilled.", s.prompt_tokens_total),
                   (counter, "generation_tokens", "Tokens generated.", s.generation_tokens_total)]
         for make, name, doc, value in shared:
@@ -52,14 +55,17 @@ class _EngineCollector:
             yield make(name, doc, value, prefix=VLLM)
         yield gauge("kv_cache_tokens", "Tokens held in the KV cache.", s.tokens_in_cache)
         yield gauge("kv_cache_capacity_tokens", "Tokens the KV cache can hold.", s.cache_capacity_tokens)
-        # A cache slot is this server's unit of allocation, as a block is vLLM's: one block of max_model_len tokens.
+        yield gauge("kv_cache_blocks", "KV cache blocks in the pool.", s.num_blocks)
+        yield gauge("kv_cache_blocks_used", "KV cache blocks held by sequences.", s.blocks_used)
+        yield gauge("kv_cache_block_size", "Tokens per KV cache block.", s.block_size)
+        # As vLLM reports it: num_gpu_blocks is the pool on the serving device (on CPU too); no swap space.
         info = GaugeMetricFamily(f"{VLLM}:cache_config_info", "Information of the KV cache configuration.",
                                  labels=["model_name", "block_size", "num_gpu_blocks", "num_cpu_blocks",
                                          "enable_prefix_caching"])
-        info.add_metric([self.model_name, str(s.cache_capacity_tokens // max(s.num_slots, 1)), str(s.num_slots), "0",
-                         str(s.prefix_caching).lower()], 1.0)
+        info.add_metric([self.model_name, str(s.block_size), str(s.num_blocks), "0", str(s.prefix_caching).lower()],
+                        1.0)
         yield info
-        yield counter("prefix_cache_hit_tokens", "Prompt tokens whose K/V were reused from a freed slot.",
+        yield counter("prefix_cache_hit_tokens", "Prompt tokens whose K/V were found in cached blocks.",
                       s.prefix_cache_hit_tokens)
 
 

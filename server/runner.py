@@ -19,15 +19,16 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, num_slots: int, max_model_len: int, device: torch.device | str,
-                 compile_decode: bool = False):
+    def __init__(self, model: Llama, num_slots: int, num_blocks: int, block_size: int, max_model_len: int,
+                 device: torch.device | str, compile_decode: bool = False):
         self.model = model
         self.device = torch.device(device)
+        self.max_model_len = max_model_len
         dtype = model.model.embed_tokens.weight.dtype  # the activations' dtype, whatever the linears store
-        self.cache = KVCache(model.config, num_slots, max_model_len, dtype=dtype, device=self.device)
+        self.cache = KVCache(model.config, num_blocks, block_size, dtype=dtype, device=self.device)
         self.sampler = Sampler(num_slots, model.config.vocab_size, self.device)
-        log.info("KV cache: %d slots x %d tokens, %s, %.1f MiB", num_slots, max_model_len, dtype,
-                 self.cache.nbytes / 2**20)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens, %s, %.1f MiB", num_blocks, block_size,
+                 self.cache.num_tokens, dtype, self.cache.nbytes / 2**20)
         self.decode_step = None
         if compile_decode:
             if self.device.type != "cpu":
@@ -39,22 +40,17 @@ class ModelRunner:
     def start_sequence(self, seq: Sequence) -> None:
         seq.generator = self.sampler.start_sequence(seq.slot, seq.prompt_ids, seq.params, seq.index)
 
-    def fork_cache(self, src: int, dst: int, num_tokens: int) -> None:
-        self.cache.k[:, dst, :, :num_tokens] = self.cache.k[:, src, :, :num_tokens]
-        self.cache.v[:, dst, :, :num_tokens] = self.cache.v[:, src, :, :num_tokens]
-
     def execute(self, batch: ScheduledBatch) -> SamplerOutput | None:
         """Run the batch; return the samples of the chunks that end their sequence (in chunk order)."""
-        for src, dst, n in batch.copies:
-            self.fork_cache(src, dst, n)
         chunks = [SequenceChunk(c.seq.slot, c.start, c.token_ids, all_logits=self._wants_prompt_logprobs(c),
-                                decode=c.decode) for c in batch.chunks]
+                                decode=c.decode, blocks=tuple(c.seq.block_table)) for c in batch.chunks]
         if self.decode_step is not None and all(c.decode for c in chunks):
             self._check_positions(batch)
             logits = self.decode_step.run([c.token_ids[0] for c in chunks], [c.start for c in chunks],
-                                          [c.slot for c in chunks])  # [B, vocab]
+                                          [c.blocks for c in chunks])  # [B, vocab]
         else:
-            logits = self.model(ForwardBatch.build(chunks, self.device), self.cache)  # [M, vocab]
+            batch_ = ForwardBatch.build(chunks, self.device, self.cache.block_size)
+            logits = self.model(batch_, self.cache)  # [M, vocab]
 
         sample_rows, rows, offset = [], [], 0
         for scheduled, chunk in zip(batch.chunks, chunks):
@@ -74,7 +70,7 @@ class ModelRunner:
 
     def _check_positions(self, batch: ScheduledBatch) -> None:
         """What the eager forward checks, for the compiled step (which cannot)."""
-        limit = min(self.model.max_seq_len, self.cache.max_seq_len)
+        limit = min(self.model.max_seq_len, self.max_model_len)
         if any(c.start >= limit for c in batch.chunks):
             raise ValueError(f"a position is beyond the model's or the cache's maximum length ({limit})")
 

@@ -1,12 +1,15 @@
-"""Who runs this step: continuous batching over a fixed pool of KV cache slots, with chunked prefill.
+"""Who runs this step: continuous batching over a paged KV cache, with chunked prefill and preemption.
 
-Every step, running sequences come first (decodes, then unfinished prefills), then waiting sequences are
-admitted first come, first served while slots and the token budget last. A running sequence is never
-preempted, so new arrivals cannot starve it.
+Every step, running sequences come first (decodes, oldest first, then unfinished prefills), then waiting
+sequences are admitted first come, first served while sequence slots, cache blocks and the token budget last.
+Blocks are taken as tokens need them. When a decode needs a block and none is left, the newest running sequence
+is preempted: its blocks are released and it goes back to the head of the queue, to be recomputed later (its
+full blocks usually still cached). A resumed sequence prefills its prompt and then replays its generated tokens
+one per step as decodes, so each token's arithmetic is what it was the first time and its output is unchanged.
 
-Prefix reuse: a freed slot keeps the K/V of the tokens its last sequence computed. A new sequence whose prompt
-starts with those tokens (a shared system prompt, a conversation's earlier turns) takes that slot and prefills
-only the rest.
+Prefix caching: full blocks are cached by their tokens and everything before them (server/block_pool.py). A new
+sequence maps the leading blocks of its tokens onto cached ones and computes only the rest; samples after the
+first of an `n > 1` request wait for the first one's prompt and share its blocks the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
+from server.block_pool import ROOT, BlockPool
 from server.sequence import Sequence, Status
 
 
@@ -38,42 +42,25 @@ class ScheduledChunk:
 
 @dataclass
 class ScheduledBatch:
-    chunks: list[ScheduledChunk]                                      # decode chunks first
-    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src slot, dst slot, tokens) to fork
-    admitted: list[Sequence] = field(default_factory=list)            # took a slot this step
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
-
-
-# Below this many shared tokens a slot is not worth choosing over the lowest free one, which keeps running
-# sequences in consecutive slots (read by attention without a gather).
-MIN_PREFIX_REUSE = 16
-
-
-def common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a[:limit], b[:limit]):
-        if x != y:
-            break
-        n += 1
-    return n
+    chunks: list[ScheduledChunk]                            # decode chunks first
+    admitted: list[Sequence] = field(default_factory=list)  # took a sequence slot this step
+    preempted: list[Sequence] = field(default_factory=list)  # lost their blocks this step
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_num_batched_tokens: int, max_waiting: int, prefix_reuse: bool = True,
-                 max_waiting_tokens: int | None = None):
-        self.free_slots = list(range(num_slots))  # a min-heap: the lowest free slot is reused first
-        self.slot_tokens: list[list[int]] = [[] for _ in range(num_slots)]  # what a free slot's K/V still hold
-        self.prefix_reuse = prefix_reuse
+    def __init__(self, num_slots: int, blocks: BlockPool, max_num_batched_tokens: int, max_waiting: int,
+                 prefix_caching: bool = True, max_waiting_tokens: int | None = None):
+        self.free_slots = list(range(num_slots))  # a min-heap of sequence slots (the sampler's rows)
+        self.blocks = blocks
+        self.prefix_caching = prefix_caching
         self.prefix_hit_tokens = 0
+        self.num_preemptions = 0
         self.num_slots = num_slots
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
         self.max_waiting_tokens = max_waiting_tokens  # prompt tokens queued (None: no bound)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []             # in admission order: the newest is preempted first
 
     def add(self, seqs: list[Sequence]) -> None:
         if len(self.waiting) + len(seqs) > self.max_waiting:
@@ -89,78 +76,142 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        budget = self.max_num_batched_tokens
         batch = ScheduledBatch(chunks=[])
-        for seq in self.running:  # decodes: one token each, always scheduled
-            if seq.num_computed >= seq.num_prompt:
-                batch.chunks.append(self._chunk(seq, seq.uncomputed()))
-                budget -= 1
-        for seq in self.running:  # prefills under way
+        while True:
+            self._schedule_into(batch)
+            if batch.chunks or not self.running:
+                break
+            # Every running sequence is a prefill that cannot get a block: make room by preempting the newest.
+            self._preempt(self.running[-1], batch)
+        # Decode chunks first (the model's decode group), then in slot order.
+        batch.chunks.sort(key=lambda c: (not c.decode, c.seq.slot))
+        return batch
+
+    def _schedule_into(self, batch: ScheduledBatch) -> None:
+        budget = self.max_num_batched_tokens
+        for seq in list(self.running):  # decodes (or replays of generated tokens): one token each, oldest first
+            if seq.status is Status.RUNNING and seq.num_computed >= seq.num_prompt and budget > 0:
+                if self._grow(seq, seq.num_computed + 1, batch):
+                    batch.chunks.append(self._chunk(seq, 1))
+                    budget -= 1
+        for seq in self.running:  # prefills under way, as far as blocks allow
             if seq.num_computed < seq.num_prompt and budget > 0:
-                tokens = seq.uncomputed()[:budget]
-                batch.chunks.append(self._chunk(seq, tokens))
-                budget -= len(tokens)
-        while self.waiting and self.free_slots and budget > 0:
+                n = self._fit(seq, min(budget, seq.num_prompt - seq.num_computed))
+                if n:
+                    batch.chunks.append(self._chunk(seq, n))
+                    budget -= n
+        if batch.preempted:
+            return  # blocks are short: admit nobody this step (the preempted would only be preempted again)
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seq.parent is not None:
                 if seq.num_prompt < 2 or seq.parent.status is not Status.RUNNING:
                     seq.parent = None  # nothing to share, or the parent has ended: prefill on our own
                 elif seq.parent.num_computed < seq.num_prompt - 1:
-                    break  # first come, first served: wait behind the parent's prefill
-            self.waiting.popleft()
-            seq.slot = self._take_slot(seq)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+                    break  # first come, first served: wait behind the parent's prefill, then share its blocks
+            if seq.slot is None and not self.free_slots:
+                break
+            if not self._admit(seq, budget, batch):
+                break
+            budget -= len(batch.chunks[-1].token_ids)
+
+    def _admit(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> bool:
+        """Map the sequence's cached prefix, take blocks for its first chunk and a slot; False (and nothing
+        taken) when the blocks are not there."""
+        hits = self._prefix_hits(seq)
+        computed = len(hits) * self.blocks.block_size
+        tokens = 1 if computed >= seq.num_prompt else min(budget, seq.num_prompt - computed)
+        held = sum(1 for entry in hits if self.blocks.refs[entry.block] == 0)  # cached, about to be held
+        if self.blocks.blocks_for(computed + tokens) - len(hits) > self.blocks.num_available - held:
+            return False
+        self.waiting.popleft()
+        for entry in hits:
+            self.blocks.acquire(entry.block)
+            seq.block_table.append(entry.block)
+            seq.block_uids.append(entry.uid)
+        seq.num_computed = computed
+        self.prefix_hit_tokens += computed
+        self._grow(seq, computed + tokens, batch)
+        if seq.slot is None:
+            seq.slot = heapq.heappop(self.free_slots)
             batch.admitted.append(seq)
-            if seq.parent is not None:
-                # Copy every prompt token but the last; the last is recomputed so this sample draws its own token.
-                shared = seq.num_prompt - 1
-                batch.copies.append((seq.parent.slot, seq.slot, shared))
-                seq.num_computed = shared
-            tokens = seq.uncomputed()[:budget]
-            batch.chunks.append(self._chunk(seq, tokens))
-            budget -= len(tokens)
-        # Decode chunks first (the model's decode group), in slot order: the lowest free slot is always taken,
-        # so running sequences tend to hold consecutive slots, which attention reads without a gather.
-        batch.chunks.sort(key=lambda c: (not c.decode, c.seq.slot))
-        return batch
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        batch.chunks.append(self._chunk(seq, tokens))
+        return True
 
-    def _take_slot(self, seq: Sequence) -> int:
-        """The free slot holding the longest prefix of the prompt, if long enough; else the lowest free slot.
+    def _prefix_hits(self, seq: Sequence):
+        """Cached blocks holding the sequence's leading tokens; at least its last token is always computed (its
+        logits give the next sample). Sequences that want prompt logprobs compute their whole prompt."""
+        if not self.prefix_caching or seq.params.prompt_logprobs is not None:
+            return []
+        return self.blocks.lookup(seq.all_tokens(), (seq.num_tokens - 1) // self.blocks.block_size)
 
-        At least the prompt's last token is always recomputed, since its logits give the first sample.
-        Sequences that want prompt logprobs, or fork from a sibling, prefill in full."""
-        best, best_len = None, MIN_PREFIX_REUSE - 1
-        if self.prefix_reuse and seq.parent is None and seq.params.prompt_logprobs is None:
-            for slot in self.free_slots:
-                cached = self.slot_tokens[slot]
-                if cached and cached[0] == seq.prompt_ids[0]:
-                    n = common_prefix(cached, seq.prompt_ids, seq.num_prompt - 1)
-                    if n > best_len:
-                        best, best_len = slot, n
-        if best is None:
-            slot = heapq.heappop(self.free_slots)
-        else:
-            slot = best
-            self.free_slots.remove(slot)
-            heapq.heapify(self.free_slots)
-            seq.num_computed = best_len
-            self.prefix_hit_tokens += best_len
-        self.slot_tokens[slot] = []  # the new occupant overwrites it from here on
-        return slot
+    def _grow(self, seq: Sequence, num_tokens: int, batch: ScheduledBatch) -> bool:
+        """Blocks for `num_tokens` tokens, preempting the newest running sequences while none are free; False
+        when `seq` itself was the newest and has been preempted."""
+        while len(seq.block_table) < self.blocks.blocks_for(num_tokens):
+            if self.blocks.num_available == 0:
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is seq:
+                    return False
+                continue
+            seq.block_table.append(self.blocks.allocate())
+        return True
+
+    def _fit(self, seq: Sequence, wanted: int) -> int:
+        """How many of `wanted` prefill tokens fit in the sequence's blocks plus those available (taken now)."""
+        size = self.blocks.block_size
+        room = (len(seq.block_table) + self.blocks.num_available) * size - seq.num_computed
+        n = max(0, min(wanted, room))
+        while len(seq.block_table) < self.blocks.blocks_for(seq.num_computed + n):
+            seq.block_table.append(self.blocks.allocate())
+        return n
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        """Release the sequence's blocks and queue it first, to be recomputed; it keeps its slot (sampler state)."""
+        self._release_blocks(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+
+    def _release_blocks(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):  # the tail is reused first, the prefix stays cached longest
+            self.blocks.release(block)
+        seq.block_table = []
+        seq.block_uids = []
 
     @staticmethod
-    def _chunk(seq: Sequence, tokens: list[int]) -> ScheduledChunk:
-        return ScheduledChunk(seq, tokens, seq.num_computed, seq.num_computed + len(tokens) == seq.num_tokens)
+    def _chunk(seq: Sequence, n: int) -> ScheduledChunk:
+        """The next n tokens; a prefill chunk stops at the prompt's end (generated tokens are replayed as decodes)."""
+        tokens = seq.all_tokens()[seq.num_computed:seq.num_computed + n]
+        return ScheduledChunk(seq, tokens, seq.num_computed, seq.num_computed + n == seq.num_tokens)
+
+    def computed(self, seq: Sequence, n: int) -> None:
+        """After a step: n more of the sequence's tokens are in the cache; newly full blocks are cached."""
+        seq.num_computed += n
+        if not self.prefix_caching:
+            return
+        size, tokens = self.blocks.block_size, None
+        while (len(seq.block_uids) + 1) * size <= seq.num_computed:
+            i = len(seq.block_uids)
+            tokens = tokens or seq.all_tokens()
+            parent = seq.block_uids[-1] if seq.block_uids else ROOT
+            seq.block_uids.append(self.blocks.register(seq.block_table[i], parent, tokens[i * size:(i + 1) * size]))
 
     def free(self, seq: Sequence) -> None:
-        """Release a sequence's slot, whether it finished, was aborted or failed; safe to call twice."""
+        """Release a sequence's blocks and slot, whether it finished, was aborted or failed; safe to call twice."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self._release_blocks(seq)
         if seq.slot is not None:
-            self.slot_tokens[seq.slot] = (seq.prompt_ids + seq.output_ids)[:seq.num_computed]
             heapq.heappush(self.free_slots, seq.slot)
             seq.slot = None
 

@@ -1,4 +1,4 @@
-"""One generated sequence: its tokens, its KV cache slot, its progress and why it ended."""
+"""One generated sequence: its tokens, its KV cache blocks, its progress and why it ended."""
 
 from __future__ import annotations
 
@@ -30,8 +30,11 @@ class Sequence:
     eos_token_ids: frozenset[int]
     parent: Sequence | None = None       # the sample whose prompt KV this one copies
     output_ids: list[int] = field(default_factory=list)
-    slot: int | None = None
+    slot: int | None = None              # its row in the sampler's state, held from admission to the end
+    block_table: list[int] = field(default_factory=list)  # its KV cache blocks, in token order
+    block_uids: list[int] = field(default_factory=list)   # prefix-cache ids of its leading full blocks
     num_computed: int = 0                # tokens whose K/V are in the cache
+    num_preemptions: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None     # "stop", "length", "abort", "error"
     stop_reason: str | int | None = None # the stop string or stop token that ended it
@@ -50,6 +53,9 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def all_tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     def uncomputed(self) -> list[int]:
         """Tokens not yet in the cache: the rest of the prompt, or the last sampled token."""

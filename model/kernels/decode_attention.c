@@ -5,14 +5,15 @@
  * the tokens its sequence holds, never padding, and depends on nothing else in the batch, so a sequence's
  * result is the same whatever it is batched with. Every float sum runs in a fixed order.
  *
- * Each task first writes its sequence's new key and value at position lens - 1 of its slot, then attends over
- * positions [0, lens). A row with lens 0 is padding: nothing is written and its output is zero.
+ * The cache is paged: a sequence's token t lives in row t % S of block table[t / S], for blocks of S tokens.
+ * Each task first writes its sequence's new key and value at position len - 1, then attends over positions
+ * [0, len). A row with len 0 is padding: nothing is written and its output is zero.
  *
  * Layouts (element strides are passed, so caches may be views):
- *   q, out              [B, Hkv, G, D]     contiguous
- *   k_new, v_new        [B, Hkv, D]        contiguous
- *   k, v                [slots, Hkv, L, D] one layer of the cache; rows of D contiguous
- *   slots, lens         [B]                the cache slot and the number of tokens each sequence attends to
+ *   q, out              [B, Hkv, G, D]       contiguous
+ *   k_new, v_new        [B, Hkv, D]          contiguous
+ *   k, v                [blocks, Hkv, S, D]  one layer of the cache; rows of D contiguous
+ *   host                [B, W]               per sequence: len, then its block table (W - 1 entries)
  */
 #include <math.h>
 #include <stdint.h>
@@ -103,8 +104,10 @@ static inline __m512 sum16(const __m512 *v) {
 
 /* One task of the bfloat16 path, for D a multiple of 16 and G <= MAX_G: scores 16 keys at a time (each key row
  * converted once for all G query heads), softmax, then the values, each row converted once. */
-static void attend_task_bf16(const uint16_t *q, const uint16_t *keys, const uint16_t *values, uint16_t *out,
-                             int64_t L, int64_t G, int64_t D, float scale, float *scratch) {
+#define ROW(blocks, l) ((blocks)[(l) / S] + ((l) % S) * D) /* token l's row, through the block table */
+
+static void attend_task_bf16(const uint16_t *q, const uint16_t *const *keys, const uint16_t *const *values,
+                             uint16_t *out, int64_t L, int64_t S, int64_t G, int64_t D, float scale, float *scratch) {
     const int64_t C = D / 16;
     float *qf = scratch, *scores = qf + G * D;                 /* [G, D], then [G, L rounded up to 16] */
     const int64_t Lp = (L + 15) / 16 * 16;
@@ -114,10 +117,11 @@ static void attend_task_bf16(const uint16_t *q, const uint16_t *keys, const uint
         for (int j = 0; j < 16; j++) {
             for (int64_t g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps();
             if (l0 + j >= L) continue;
-            const uint16_t *row = keys + (l0 + j) * D;
+            const uint16_t *row = ROW(keys, l0 + j);
+            const uint16_t *ahead = l0 + j + 16 < L ? ROW(keys, l0 + j + 16) : row, *value = ROW(values, l0 + j);
             for (int64_t o = 0; o < 2 * D; o += 64) { /* 16 rows ahead, and the values for later: both in flight */
-                _mm_prefetch((const char *)(row + 16 * D) + o, _MM_HINT_T0);
-                _mm_prefetch((const char *)(values + (l0 + j) * D) + o, _MM_HINT_T1);
+                _mm_prefetch((const char *)ahead + o, _MM_HINT_T0);
+                _mm_prefetch((const char *)value + o, _MM_HINT_T1);
             }
 #ifdef __AVX512BF16__
             if (D % 32 == 0) { /* bfloat16 pairs multiplied exactly, summed in float32 */
@@ -157,7 +161,7 @@ static void attend_task_bf16(const uint16_t *q, const uint16_t *keys, const uint
             for (int64_t c = 0; c < cn; c++) acc[g][c] = _mm512_setzero_ps();
         for (int64_t l = 0; l < L; l++) {
             for (int64_t c = 0; c < cn; c++) {
-                const __m512 v = bf16x16(values + l * D + 16 * (c0 + c));
+                const __m512 v = bf16x16(ROW(values, l) + 16 * (c0 + c));
                 for (int64_t g = 0; g < G; g++)
                     acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * Lp + l]), v, acc[g][c]);
             }
@@ -173,26 +177,33 @@ static void attend_task_bf16(const uint16_t *q, const uint16_t *keys, const uint
 #endif
 
 static void attend(const void *q, const void *k_new, const void *v_new, void *k, void *v, void *out,
-                   const int64_t *slots, const int64_t *lens, int64_t B, int64_t Hkv, int64_t G, int64_t D,
-                   int64_t slot_stride, int64_t head_stride, float scale, int bf16) {
+                   const int64_t *host, int64_t W, int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t S,
+                   int64_t block_stride, int64_t head_stride, float scale, int bf16) {
     const size_t elem = bf16 ? 2 : 4;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < Hkv; h++) {
-            const int64_t L = lens[b], base = slots[b] * slot_stride + h * head_stride, task = (b * Hkv + h) * G * D;
+            const int64_t L = host[b * W], *table = host + b * W + 1, task = (b * Hkv + h) * G * D;
             if (L <= 0) {
                 memset((char *)out + elem * task, 0, elem * (size_t)(G * D));
                 continue;
             }
-            char *keys = (char *)k + elem * base, *values = (char *)v + elem * base;
-            memcpy(keys + elem * (L - 1) * D, (const char *)k_new + elem * (b * Hkv + h) * D, elem * (size_t)D);
-            memcpy(values + elem * (L - 1) * D, (const char *)v_new + elem * (b * Hkv + h) * D, elem * (size_t)D);
+            const int64_t nb = (L + S - 1) / S;
+            char **keys = malloc(2 * sizeof(char *) * (size_t)nb), **values = keys + nb; /* this head's blocks */
+            for (int64_t j = 0; j < nb; j++) {
+                keys[j] = (char *)k + elem * (table[j] * block_stride + h * head_stride);
+                values[j] = (char *)v + elem * (table[j] * block_stride + h * head_stride);
+            }
+            const int64_t last = (L - 1) % S;
+            memcpy(keys[nb - 1] + elem * last * D, (const char *)k_new + elem * (b * Hkv + h) * D, elem * (size_t)D);
+            memcpy(values[nb - 1] + elem * last * D, (const char *)v_new + elem * (b * Hkv + h) * D, elem * (size_t)D);
 #ifdef __AVX512F__
-            if (bf16 && D % 16 == 0 && G <= MAX_G) {
+            if (bf16 && D % 16 == 0 && G <= MAX_G && S % 16 == 0) {
                 float *scratch = malloc(sizeof(float) * (size_t)(G * D + G * ((L + 15) / 16 * 16)));
-                attend_task_bf16((const uint16_t *)q + task, (const uint16_t *)keys, (const uint16_t *)values,
-                                 (uint16_t *)out + task, L, G, D, scale, scratch);
+                attend_task_bf16((const uint16_t *)q + task, (const uint16_t *const *)keys,
+                                 (const uint16_t *const *)values, (uint16_t *)out + task, L, S, G, D, scale, scratch);
                 free(scratch);
+                free(keys);
                 continue;
             }
 #endif
@@ -201,7 +212,7 @@ static void attend(const void *q, const void *k_new, const void *v_new, void *k,
             load_row((const char *)q + elem * task, bf16, G * D, qf);
             for (int64_t i = 0; i < G * D; i++) { qf[i] *= scale; acc[i] = 0.0f; }
             for (int64_t l = 0; l < L; l++) {
-                load_row(keys + elem * l * D, bf16, D, row);
+                load_row(keys[l / S] + elem * (l % S) * D, bf16, D, row);
                 for (int64_t g = 0; g < G; g++) scores[g * L + l] = dot(qf + g * D, row, D);
             }
             for (int64_t g = 0; g < G; g++) {
@@ -212,7 +223,7 @@ static void attend(const void *q, const void *k_new, const void *v_new, void *k,
                 for (int64_t l = 0; l < L; l++) s[l] /= total;
             }
             for (int64_t l = 0; l < L; l++) {
-                load_row(values + elem * l * D, bf16, D, row);
+                load_row(values[l / S] + elem * (l % S) * D, bf16, D, row);
                 for (int64_t g = 0; g < G; g++) {
                     const float p = scores[g * L + l];
                     float *a = acc + g * D;
@@ -226,18 +237,19 @@ static void attend(const void *q, const void *k_new, const void *v_new, void *k,
                 memcpy((float *)out + task, acc, sizeof(float) * (size_t)(G * D));
             }
             free(qf);
+            free(keys);
         }
     }
 }
 
 void decode_attention_bf16(const void *q, const void *k_new, const void *v_new, void *k, void *v, void *out,
-                           const int64_t *slots, const int64_t *lens, int64_t B, int64_t Hkv, int64_t G, int64_t D,
-                           int64_t slot_stride, int64_t head_stride, float scale) {
-    attend(q, k_new, v_new, k, v, out, slots, lens, B, Hkv, G, D, slot_stride, head_stride, scale, 1);
+                           const int64_t *host, int64_t W, int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t S,
+                           int64_t block_stride, int64_t head_stride, float scale) {
+    attend(q, k_new, v_new, k, v, out, host, W, B, Hkv, G, D, S, block_stride, head_stride, scale, 1);
 }
 
 void decode_attention_f32(const void *q, const void *k_new, const void *v_new, void *k, void *v, void *out,
-                          const int64_t *slots, const int64_t *lens, int64_t B, int64_t Hkv, int64_t G, int64_t D,
-                          int64_t slot_stride, int64_t head_stride, float scale) {
-    attend(q, k_new, v_new, k, v, out, slots, lens, B, Hkv, G, D, slot_stride, head_stride, scale, 0);
+                          const int64_t *host, int64_t W, int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t S,
+                          int64_t block_stride, int64_t head_stride, float scale) {
+    attend(q, k_new, v_new, k, v, out, host, W, B, Hkv, G, D, S, block_stride, head_stride, scale, 0);
 }

@@ -56,7 +56,7 @@ def test_config_round_trip_through_transformers(pair):
 def test_full_forward_matches_transformers_at_every_position(pair):
     config, hf, ours = pair
     ids = random_ids(150, seed=1)
-    cache = KVCache(config, num_slots=2, max_seq_len=256)
+    cache = KVCache(config, num_blocks=2, block_size=256)
     logits = ours(ForwardBatch.build([SequenceChunk(1, 0, ids, all_logits=True)]), cache)
     torch.testing.assert_close(logits, hf_logits(hf, ids), atol=ATOL, rtol=0)
 
@@ -65,7 +65,7 @@ def test_prefill_then_decode_equals_full_forward(pair):
     config, hf, ours = pair
     ids = random_ids(90, seed=2)
     expected = hf_logits(hf, ids)
-    cache = KVCache(config, num_slots=3, max_seq_len=128)
+    cache = KVCache(config, num_blocks=3, block_size=128)
     prefill = 70
     got = [ours(ForwardBatch.build([SequenceChunk(2, 0, ids[:prefill])]), cache)[0]]
     for pos in range(prefill, len(ids)):
@@ -77,7 +77,7 @@ def test_chunked_prefill_equals_full_forward(pair):
     config, hf, ours = pair
     ids = random_ids(100, seed=3)
     expected = hf_logits(hf, ids)
-    cache = KVCache(config, num_slots=1, max_seq_len=128)
+    cache = KVCache(config, num_blocks=1, block_size=128)
     rows = []
     for start, end in [(0, 37), (37, 38), (38, 100)]:
         chunk = SequenceChunk(0, start, ids[start:end], all_logits=True)
@@ -89,7 +89,7 @@ def test_mixed_batch_equals_each_sequence_alone(pair):
     """Decodes at different positions, a fresh prefill and a continued prefill share one forward call."""
     config, hf, ours = pair
     seqs = [random_ids(n, seed=10 + n) for n in (5, 33, 61, 48, 20)]
-    cache = KVCache(config, num_slots=6, max_seq_len=128)
+    cache = KVCache(config, num_blocks=6, block_size=128)
     slots = [4, 0, 5, 2, 1]
     # Earlier steps: sequences 0-2 have all but their last token cached; 4 has its first 7 tokens cached.
     for seq, slot in zip(seqs[:3], slots[:3]):
@@ -112,10 +112,10 @@ def test_sdpa_equals_reference_attention(pair):
     results = {}
     for impl in ("reference", "sdpa"):
         ours.set_attention_impl(impl)
-        cache = KVCache(config, num_slots=3, max_seq_len=64)
+        cache = KVCache(config, num_blocks=3, block_size=64)
         ours(ForwardBatch.build([SequenceChunk(i, 0, s[:-1]) for i, s in enumerate(seqs)]), cache)
         first = ours(ForwardBatch.build([SequenceChunk(i, 0, s[:-1], all_logits=True) for i, s in enumerate(seqs)]),
-                     KVCache(config, num_slots=3, max_seq_len=64))
+                     KVCache(config, num_blocks=3, block_size=64))
         decode = ours(ForwardBatch.build([SequenceChunk(i, len(s) - 1, s[-1:]) for i, s in enumerate(seqs)]), cache)
         results[impl] = (first, decode)
     ours.set_attention_impl("sdpa")
@@ -134,11 +134,15 @@ def test_bf16_stays_close_to_float32():
     torch.testing.assert_close(logits, expected, atol=0.1, rtol=0.05)
 
 
-def test_position_beyond_cache_is_refused(pair):
+def test_positions_beyond_the_block_table_or_the_model_are_refused(pair):
     config, _, ours = pair
-    cache = KVCache(config, num_slots=1, max_seq_len=16)
+    with pytest.raises(ValueError, match="cannot hold"):  # 17 tokens, one block of 16
+        ForwardBatch.build([SequenceChunk(0, 10, list(range(7)), blocks=(0,))], block_size=16)
+    cache = KVCache(config, num_blocks=40, block_size=16)
+    end = ours.max_seq_len + 1
     with pytest.raises(ValueError, match="beyond"):
-        ours(ForwardBatch.build([SequenceChunk(0, 10, list(range(7)))]), cache)
+        ours(ForwardBatch.build([SequenceChunk(0, end - 3, [1, 2, 3], blocks=tuple(range(40)))], block_size=16),
+             cache)
 
 
 def test_build_model_names_the_broken_tensor(pair):

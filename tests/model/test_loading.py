@@ -128,7 +128,7 @@ def checkpoint(request, tmp_path_factory) -> tuple[Layout, Path, dict[str, torch
 
 
 def our_logits(loaded, ids: list[int]) -> torch.Tensor:
-    cache = KVCache(loaded.config, num_slots=1, max_seq_len=64)
+    cache = KVCache(loaded.config, num_blocks=1, block_size=64)
     return loaded.model(ForwardBatch.build([SequenceChunk(0, 0, ids, all_logits=True)]), cache)  # [T, vocab]
 
 
@@ -223,7 +223,7 @@ from model.kv_cache import KVCache
 from model.loading import load
 loaded = load("meta-llama/Tiny-Llama-3")
 ids = loaded.tokenizer.encode_prompt({PROMPT!r})
-cache = KVCache(loaded.config, num_slots=1, max_seq_len=64)
+cache = KVCache(loaded.config, num_blocks=1, block_size=64)
 logits = loaded.model(ForwardBatch.build([SequenceChunk(0, 0, ids, all_logits=True)]), cache)
 torch.save(logits, {str(tmp_path / "logits.pt")!r})
 print(json.dumps(dict(source=loaded.source, name=loaded.config.name, template=loaded.tokenizer.chat_template)))
@@ -397,7 +397,7 @@ def test_kv_cache_nbytes(dtype):
     config = ModelConfig(vocab_size=256, hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
                          num_key_value_heads=2, intermediate_size=128, head_dim=24)
     slots, max_len = 5, 48
-    cache = KVCache(config, num_slots=slots, max_seq_len=max_len, dtype=dtype)
+    cache = KVCache(config, num_blocks=slots, block_size=max_len, dtype=dtype)
     elem = torch.empty((), dtype=dtype).element_size()
     expected = config.num_hidden_layers * 2 * slots * config.num_key_value_heads * max_len * config.head_dim * elem
     assert cache.nbytes == expected

@@ -287,7 +287,7 @@ def test_packed_model_from_gguf_knows_the_capital_of_france(one_thread):
     model.model.layers[0].self_attn.qkv_proj.register_forward_pre_hook(record, with_kwargs=True)
 
     ids = loaded.tokenizer.encode_prompt("The capital of France is")
-    cache = KVCache(loaded.config, num_slots=1, max_seq_len=len(ids) + 16, dtype=torch.bfloat16)
+    cache = KVCache(loaded.config, num_blocks=1, block_size=len(ids) + 16, dtype=torch.bfloat16)
     with torch.no_grad():
         logits = model(ForwardBatch.build([SequenceChunk(0, 0, ids)]), cache)
         out = [int(logits[0].argmax())]

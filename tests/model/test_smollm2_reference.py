@@ -49,7 +49,7 @@ def hf_greedy(hf, ids: list[int], new_tokens: int) -> list[int]:
 
 def our_greedy(loaded, ids: list[int], new_tokens: int, stop: frozenset[int] = frozenset()) -> list[int]:
     """Prefill the prompt, then decode one token per forward call; stops after a token in `stop`."""
-    cache = KVCache(loaded.config, num_slots=1, max_seq_len=len(ids) + new_tokens)
+    cache = KVCache(loaded.config, num_blocks=1, block_size=len(ids) + new_tokens)
     logits = loaded.model(ForwardBatch.build([SequenceChunk(0, 0, ids)]), cache)  # [1, vocab]
     out = []
     while True:
@@ -62,7 +62,7 @@ def our_greedy(loaded, ids: list[int], new_tokens: int, stop: frozenset[int] = f
 
 def our_greedy_batched(loaded, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """Every prompt in its own slot of one cache: one prefill call for all, then one decode call per step."""
-    cache = KVCache(loaded.config, num_slots=len(prompts), max_seq_len=max(map(len, prompts)) + new_tokens)
+    cache = KVCache(loaded.config, num_blocks=len(prompts), block_size=max(map(len, prompts)) + new_tokens)
     logits = loaded.model(ForwardBatch.build([SequenceChunk(i, 0, ids) for i, ids in enumerate(prompts)]), cache)
     outs = [[] for _ in prompts]
     for step in range(new_tokens):

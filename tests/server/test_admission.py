@@ -3,6 +3,7 @@ with Retry-After at the API, see test_api_errors.py)."""
 
 import pytest
 
+from server.block_pool import BlockPool
 from server.sampling_params import SamplingParams
 from server.scheduler import EngineOverloaded, Scheduler
 from server.sequence import Sequence
@@ -13,7 +14,7 @@ def seq(rid: str, n_tokens: int) -> Sequence:
 
 
 def test_waiting_prompt_tokens_are_bounded():
-    scheduler = Scheduler(num_slots=1, max_num_batched_tokens=64, max_waiting=100, max_waiting_tokens=100)
+    scheduler = Scheduler(num_slots=1, blocks=BlockPool(16, 16), max_num_batched_tokens=64, max_waiting=100, max_waiting_tokens=100)
     scheduler.add([seq("a", 150)])  # alone in the queue: always let in (max_model_len bounds it)
     with pytest.raises(EngineOverloaded, match="150 prompt tokens are waiting"):
         scheduler.add([seq("b", 1)])
@@ -26,7 +27,7 @@ def test_waiting_prompt_tokens_are_bounded():
 
 
 def test_waiting_sequences_are_bounded():
-    scheduler = Scheduler(num_slots=1, max_num_batched_tokens=64, max_waiting=2)
+    scheduler = Scheduler(num_slots=1, blocks=BlockPool(16, 16), max_num_batched_tokens=64, max_waiting=2)
     scheduler.add([seq("a", 5), seq("a", 5)])
     with pytest.raises(EngineOverloaded, match="2 requests are waiting"):
         scheduler.add([seq("b", 5)])

@@ -37,7 +37,7 @@ def reference_greedy(loaded: LoadedModel, prompt_ids: list[int], num_tokens: int
             token = int(rows[-1].argmax())
             ids.append(token)
             position = len(prompt_ids) + len(ids) - 1
-            if position + 1 < cache.max_seq_len:
+            if position + 1 < cache.block_size:  # one block: the sequence's slot
                 logits = model(ForwardBatch.build([SequenceChunk(0, position, [token])]), cache)
                 rows.append(torch.log_softmax(logits[0], dim=-1))
     return ids, rows
@@ -443,7 +443,9 @@ def test_vllm_metric_names_for_the_kubernetes_ecosystem(tiny_server):
     assert value(after, "vllm:request_success", "_total", finished_reason="length") >= 1
     assert value(after, "vllm:e2e_request_latency_seconds", "_count") >= 1
     info = after["vllm:cache_config_info"].samples[0]
-    assert info.value == 1 and int(info.labels["block_size"]) == 4096 and int(info.labels["num_gpu_blocks"]) == 32
+    stats = tiny_server.engine.stats()
+    assert info.value == 1 and int(info.labels["block_size"]) == 16 == stats.block_size
+    assert int(info.labels["num_gpu_blocks"]) == stats.num_blocks == 32 * 4096 // 16  # 32 sequences at full length
 
 
 def test_follow_up_chat_turn_reuses_the_conversation_prefix(smol_server, smollm):

@@ -41,7 +41,10 @@ def test_disconnect_mid_stream_frees_the_slot(tiny_server, endpoint):
         assert tiny_server.slots_used() == 1
         during = scrape(tiny_server)
         assert metric(during, tiny_server, "num_requests_running") == 1
-        assert metric(during, tiny_server, "kv_cache_usage_perc") == pytest.approx(1 / 32)
+        stats = tiny_server.engine.stats()
+        assert stats.blocks_used > 0
+        assert metric(during, tiny_server, "kv_cache_usage_perc") == pytest.approx(  # a block may be added since
+            stats.blocks_used / stats.num_blocks, abs=1.01 / stats.num_blocks)
         assert metric(during, tiny_server, "kv_cache_tokens") > 0
     # the client has closed the connection mid-stream
     tiny_server.wait_until_idle(timeout=2.0)

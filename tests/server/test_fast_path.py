@@ -58,11 +58,13 @@ def test_compiled_decode_step_agrees_with_eager_and_answers(smollm_int4):
     eager_cache = KVCache(smollm_int4.config, 1, 256, dtype=torch.bfloat16)
     model = smollm_int4.model
     model(ForwardBatch.build([SequenceChunk(0, 0, ids[:1])]), eager_cache)
-    model(ForwardBatch.build([SequenceChunk(3, 0, ids[:1])]), runner.cache)
+    table = tuple(range(40, 56))  # 16 blocks of the runner's pool, 256 tokens
+    size = runner.cache.block_size
+    model(ForwardBatch.build([SequenceChunk(0, 0, ids[:1], blocks=table)], block_size=size), runner.cache)
     agree = 0
     for position in range(1, len(ids)):
         eager = model(ForwardBatch.build([SequenceChunk(0, position, [ids[position]], decode=True)]), eager_cache)
-        compiled = step.run([ids[position]], [position], [3])
+        compiled = step.run([ids[position]], [position], [table])
         agree += int(eager.argmax(-1) == compiled.argmax(-1))
         torch.testing.assert_close(compiled, eager, atol=1.0, rtol=0.1)
     assert agree >= 0.95 * (len(ids) - 1)
