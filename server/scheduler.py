@@ -189,7 +189,7 @@ class Scheduler:
     @staticmethod
     def _chunk(seq: Sequence, n: int) -> ScheduledChunk:
         """The next n tokens; a prefill chunk stops at the prompt's end (generated tokens are replayed as decodes)."""
-        tokens = seq.all_tokens()[seq.num_computed:seq.num_computed + n]
+        tokens = seq.tokens(seq.num_computed, seq.num_computed + n)
         return ScheduledChunk(seq, tokens, seq.num_computed, seq.num_computed + n == seq.num_tokens)
 
     def computed(self, seq: Sequence, n: int) -> None:
@@ -197,12 +197,12 @@ class Scheduler:
         seq.num_computed += n
         if not self.prefix_caching:
             return
-        size, tokens = self.blocks.block_size, None
+        size = self.blocks.block_size
         while (len(seq.block_uids) + 1) * size <= seq.num_computed:
             i = len(seq.block_uids)
-            tokens = tokens or seq.all_tokens()
             parent = seq.block_uids[-1] if seq.block_uids else ROOT
-            seq.block_uids.append(self.blocks.register(seq.block_table[i], parent, tokens[i * size:(i + 1) * size]))
+            seq.block_uids.append(self.blocks.register(seq.block_table[i], parent, seq.tokens(i * size,
+                                                                                               (i + 1) * size)))
 
     def free(self, seq: Sequence) -> None:
         """Release a sequence's blocks and slot, whether it finished, was aborted or failed; safe to call twice."""

@@ -57,6 +57,15 @@ class Sequence:
     def all_tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the rest."""
+        p = self.num_prompt
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[:end - p]
+
     def uncomputed(self) -> list[int]:
         """Tokens not yet in the cache: the rest of the prompt, or the last sampled token."""
         if self.num_computed < self.num_prompt:

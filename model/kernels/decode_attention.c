@@ -112,13 +112,15 @@ static void attend_task_bf16(const uint16_t *q, const uint16_t *const *keys, con
     float *qf = scratch, *scores = qf + G * D;                 /* [G, D], then [G, L rounded up to 16] */
     const int64_t Lp = (L + 15) / 16 * 16;
     for (int64_t i = 0; i < G * D; i++) qf[i] = bf16_to_float(q[i]) * scale;
-    for (int64_t l0 = 0; l0 < L; l0 += 16) {
+    for (int64_t l0 = 0; l0 < L; l0 += 16) { /* 16 keys never straddle a block (S is a multiple of 16) */
         __m512 part[MAX_G][16];
+        const uint16_t *group = ROW(keys, l0), *value_group = ROW(values, l0);
+        const uint16_t *next = l0 + 16 < L ? ROW(keys, l0 + 16) : group;
         for (int j = 0; j < 16; j++) {
             for (int64_t g = 0; g < G; g++) part[g][j] = _mm512_setzero_ps();
             if (l0 + j >= L) continue;
-            const uint16_t *row = ROW(keys, l0 + j);
-            const uint16_t *ahead = l0 + j + 16 < L ? ROW(keys, l0 + j + 16) : row, *value = ROW(values, l0 + j);
+            const uint16_t *row = group + j * D;
+            const uint16_t *ahead = l0 + j + 16 < L ? next + j * D : row, *value = value_group + j * D;
             for (int64_t o = 0; o < 2 * D; o += 64) { /* 16 rows ahead, and the values for later: both in flight */
                 _mm_prefetch((const char *)ahead + o, _MM_HINT_T0);
                 _mm_prefetch((const char *)value + o, _MM_HINT_T1);
@@ -159,11 +161,16 @@ static void attend_task_bf16(const uint16_t *q, const uint16_t *const *keys, con
         __m512 acc[MAX_G][4];
         for (int64_t g = 0; g < G; g++)
             for (int64_t c = 0; c < cn; c++) acc[g][c] = _mm512_setzero_ps();
-        for (int64_t l = 0; l < L; l++) {
-            for (int64_t c = 0; c < cn; c++) {
-                const __m512 v = bf16x16(ROW(values, l) + 16 * (c0 + c));
-                for (int64_t g = 0; g < G; g++)
-                    acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * Lp + l]), v, acc[g][c]);
+        for (int64_t b0 = 0; b0 < L; b0 += S) { /* block by block: a row's address is one add */
+            const uint16_t *block = values[b0 / S];
+            const int64_t end = b0 + S < L ? b0 + S : L;
+            for (int64_t l = b0; l < end; l++) {
+                const uint16_t *row = block + (l - b0) * D;
+                for (int64_t c = 0; c < cn; c++) {
+                    const __m512 v = bf16x16(row + 16 * (c0 + c));
+                    for (int64_t g = 0; g < G; g++)
+                        acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * Lp + l]), v, acc[g][c]);
+                }
             }
         }
         for (int64_t g = 0; g < G; g++)
