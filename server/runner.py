@@ -44,13 +44,22 @@ class ModelRunner:
         """Run the batch; return the samples of the chunks that end their sequence (in chunk order)."""
         chunks = [SequenceChunk(c.seq.slot, c.start, c.token_ids, all_logits=self._wants_prompt_logprobs(c),
                                 decode=c.decode, blocks=tuple(c.seq.block_table)) for c in batch.chunks]
-        if self.decode_step is not None and all(c.decode for c in chunks):
-            self._check_positions(batch)
-            logits = self.decode_step.run([c.token_ids[0] for c in chunks], [c.start for c in chunks],
-                                          [c.blocks for c in chunks])  # [B, vocab]
+        if self.decode_step is None:
+            logits = self.model(ForwardBatch.build(chunks, self.device, self.cache.block_size), self.cache)
         else:
-            batch_ = ForwardBatch.build(chunks, self.device, self.cache.block_size)
-            logits = self.model(batch_, self.cache)  # [M, vocab]
+            # Decode rows always run the compiled step, with or without prompt chunks beside them (which run
+            # eagerly): a generated token's arithmetic never depends on what else is in the batch.
+            num_decode = sum(c.decode for c in chunks)  # decode chunks lead
+            parts = []
+            if num_decode:
+                self._check_positions(batch)
+                decode = chunks[:num_decode]
+                parts.append(self.decode_step.run([c.token_ids[0] for c in decode], [c.start for c in decode],
+                                                  [c.blocks for c in decode]))  # [B, vocab]
+            if num_decode < len(chunks):
+                prompt = ForwardBatch.build(chunks[num_decode:], self.device, self.cache.block_size)
+                parts.append(self.model(prompt, self.cache))  # [M - B, vocab]
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)
 
         sample_rows, rows, offset = [], [], 0
         for scheduled, chunk in zip(batch.chunks, chunks):

@@ -12,7 +12,7 @@ from server.config import EngineConfig
 from server.engine import LLMEngine
 from server.sampling_params import SamplingParams
 
-from tests.server.test_engine import GREEDY, assert_all_slots_free, prompts, run
+from tests.server.test_engine import GREEDY, assert_all_slots_free, collect, prompts, run
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,18 @@ def test_auto_quantization_serves_the_gguf_4bit_tensors_as_int4(smollm_int4):
 
 @pytest.mark.slow
 def test_default_configuration_is_batch_invariant_and_compiled(smollm_int4):
-    """16 concurrent greedy requests give exactly what each gives alone, in the configuration `python -m server`
-    runs by default (int4, bfloat16, compiled decode step)."""
+    """16 greedy requests arriving one a step (so decodes share steps with prompt chunks) give exactly what each
+    gives alone, in the configuration `python -m server` runs by default (int4, bfloat16, compiled decode step)."""
     ids = prompts(smollm_int4.tokenizer, 16)
     engine = LLMEngine(smollm_int4, EngineConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256))
     assert engine.runner.decode_step is not None, "the decode step should compile on this machine"
-    together = run(engine, {str(i): (p, GREEDY) for i, p in enumerate(ids)})
+    together: dict = {}
+    pending = list(enumerate(ids))
+    while pending or engine.has_work():
+        if pending:
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, GREEDY)
+        collect(engine.step(), together)
     assert_all_slots_free(engine)
     for i, p in enumerate(ids):  # one request at a time, in the same engine (compiled once per cache geometry)
         alone = run(engine, {f"x{i}": (p, GREEDY)})[(f"x{i}", 0)]
