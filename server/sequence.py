@@ -66,12 +66,6 @@ class Sequence:
             return self.prompt_ids[start:end]
         return self.prompt_ids[start:] + self.output_ids[:end - p]
 
-    def uncomputed(self) -> list[int]:
-        """Tokens not yet in the cache: the rest of the prompt, or the last sampled token."""
-        if self.num_computed < self.num_prompt:
-            return self.prompt_ids[self.num_computed:] + self.output_ids
-        return self.output_ids[self.num_computed - self.num_prompt:]
-
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
