@@ -4,9 +4,11 @@ The cache is paged (model/kv_cache.py): each sequence reads its keys and values 
 Decode attention (one new token per sequence) is a custom op, `llama3::decode_attention`: it writes the new
 keys and values into the cache and attends over each sequence's cached prefix. Being one opaque op, it can sit
 inside a compiled decode step while the lengths it reads change every step. The query heads that share a KV
-head are laid out as that head's query rows, so K/V are read once and never repeated per query head. On CPU it
-runs a C kernel (model/kernels/decode_attention.c) that reads each sequence's own tokens and nothing else;
-elsewhere, or without a C compiler, SDPA over the batch's longest prefix with a mask for the shorter ones.
+head are laid out as that head's query rows, so K/V are read once and never repeated per query head. One kernel
+per device: on CPU a C kernel (model/kernels/decode_attention.c), on CUDA a Triton kernel
+(model/triton_decode.py) that reads only device tensors, so a CUDA graph can capture it; each reads each
+sequence's own tokens and nothing else. Without them (no C compiler, no Triton): SDPA over the batch's longest
+prefix with a mask for the shorter ones.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.batch import ForwardBatch
+from model.batch import ForwardBatch, to_device
 from model.config import ModelConfig
 from model.cpu_kernels import decode_attention_kernel
 from model.layers import project
 from model.rope import apply_rope
+from model.triton_decode import available as triton_available, paged_decode_attention
 
-ATTENTION_IMPLS = ("sdpa", "reference")
+# "sdpa": the device's kernels (above); "reference": everything spelled out in float32; "triton": decode through
+# the Triton kernel whatever the device (on CPU under TRITON_INTERPRET=1, for tests).
+ATTENTION_IMPLS = ("sdpa", "reference", "triton")
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -42,25 +47,25 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 
 def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` rows held by `blocks` ([..., nb] ids into cache [blocks, Hkv, S, D]) as [..., Hkv, length, D].
-    A single block is a view; several are gathered (a copy)."""
+    """The first `length` rows held by `blocks` ([..., nb] ids into cache [blocks, Hkv, S, D]) as [..., Hkv, length, D],
+    gathered (a copy)."""
     S = cache.shape[2]
-    if blocks.dim() == 1 and blocks.shape[0] == 1:
-        return cache[int(blocks[0])][:, :length]
     kv = cache[blocks]  # [..., nb, Hkv, S, D]
     kv = kv.transpose(-3, -4)  # [..., Hkv, nb, S, D]
     return kv.reshape(*kv.shape[:-3], kv.shape[-3] * S, kv.shape[-1])[..., :length, :]
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, tables: torch.Tensor, host: torch.Tensor,
-                      reference: bool) -> torch.Tensor:
+                      v_cache: torch.Tensor, tables: torch.Tensor, host: torch.Tensor, impl: str) -> torch.Tensor:
     """q [B, H, D], k and v [B, Hkv, D] of each row's newest token; `tables` [B, W]: each row's length (tokens to
     attend, the new one included), then its block table; `host` is the same on the CPU, read without a device
-    sync. The new K/V are written at position length - 1 first. Rows with length 0 are padding: nothing is
-    written for them and their output is zero."""
+    sync (the Triton kernel does not read it). The new K/V are written at position length - 1 first. Rows with
+    length 0 are padding: nothing is written for them and their output is zero."""
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    if impl == "triton" or (impl == "sdpa" and q.device.type == "cuda" and triton_available("cuda")):
+        return paged_decode_attention(q, k, v, k_cache, v_cache, tables)
+    reference = impl == "reference"
     kernel = None if reference or q.device.type != "cpu" else decode_attention_kernel(q.dtype)
     if kernel is not None:  # writes the new rows and reads each sequence's own tokens, nothing else
         return kernel(q.view(B, Hkv, H // Hkv, D), k, v, k_cache, v_cache, host).view(B, H, D)
@@ -74,8 +79,8 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     if n == 0:
         return out
     last = [((r[0] - 1) // S, (r[0] - 1) % S) for r in rows[:n]]
-    blocks = torch.tensor([rows[i][1 + j] for i, (j, _) in enumerate(last)], device=q.device)
-    offsets = torch.tensor([o for _, o in last], device=q.device)
+    blocks = to_device([rows[i][1 + j] for i, (j, _) in enumerate(last)], q.device)
+    offsets = to_device([o for _, o in last], q.device)
     k_cache[blocks, :, offsets] = k[:n]  # two advanced indices around a slice: [n, Hkv, D]
     v_cache[blocks, :, offsets] = v[:n]
     queries = q[:n].view(n, Hkv, H // Hkv, D)  # the query heads of one KV head are its query rows
@@ -96,12 +101,12 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 # A schema-defined op rather than `torch.library.custom_op`: its dispatch costs a few microseconds, not tens.
 _library = torch.library.Library("llama3", "DEF")
 _library.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-                "Tensor tables, Tensor host, bool reference) -> Tensor")
+                "Tensor tables, Tensor host, str impl) -> Tensor")
 _library.impl("decode_attention", _decode_attention, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("llama3::decode_attention")
-def _(q, k, v, k_cache, v_cache, tables, host, reference):
+def _(q, k, v, k_cache, v_cache, tables, host, impl):
     return torch.empty_like(q)
 
 
@@ -136,23 +141,25 @@ class Attention(nn.Module):
         q = apply_rope(q.view(N, self.num_heads, self.head_dim), cos, sin)     # [N, H, D]
         k = apply_rope(k.view(N, self.num_kv_heads, self.head_dim), cos, sin)  # [N, Hkv, D]
         v = v.view(N, self.num_kv_heads, self.head_dim)
-        reference = self.impl == "reference"
         if not batch.prefills:  # decode only: the shape a compiled step sees
-            out = decode_attention(q, k, v, k_cache, v_cache, batch.decode_tables, batch.decode_host, reference)
+            out = decode_attention(q, k, v, k_cache, v_cache, batch.decode_tables, batch.decode_host, self.impl)
             return project(self.o_proj, out.view(N, self.num_heads * self.head_dim), B)
 
         out = torch.empty_like(q)  # [N, H, D]
         if B:
             out[:B] = decode_attention(q[:B], k[:B], v[:B], k_cache, v_cache, batch.decode_tables,
-                                       batch.decode_host, reference)
+                                       batch.decode_host, self.impl)
         # Prefill rows: one write for all of them, then each chunk attends over its blocks.
         k_cache[batch.write_blocks[B:], :, batch.write_rows[B:]] = k[B:]
         v_cache[batch.write_blocks[B:], :, batch.write_rows[B:]] = v[B:]
-        attend = reference_attention if reference else sdpa_attention
+        attend = reference_attention if self.impl == "reference" else sdpa_attention
         for span in batch.prefills:
-            blocks = torch.tensor(span.blocks, device=q.device)
-            keys = gather_blocks(k_cache, blocks, span.context_len).unsqueeze(0)  # [1, Hkv, L, D]
-            values = gather_blocks(v_cache, blocks, span.context_len).unsqueeze(0)
+            if len(span.blocks) == 1:  # one block (a slot): a view
+                keys = k_cache[span.blocks[0], :, :span.context_len].unsqueeze(0)  # [1, Hkv, L, D]
+                values = v_cache[span.blocks[0], :, :span.context_len].unsqueeze(0)
+            else:
+                keys = gather_blocks(k_cache, span.block_ids, span.context_len).unsqueeze(0)
+                values = gather_blocks(v_cache, span.block_ids, span.context_len).unsqueeze(0)
             queries = q[span.rows].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
             out[span.rows] = attend(queries, keys, values, span.mask)[0].transpose(0, 1)
         return project(self.o_proj, out.view(N, self.num_heads * self.head_dim), B)

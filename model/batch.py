@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 import torch
 
 
+def to_device(values, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list as a tensor on `device` without waiting for the device: on CUDA, an asynchronous copy (a plain
+    `torch.tensor(values, device=...)` would first wait for every kernel already queued)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host if torch.device(device).type == "cpu" else host.to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class SequenceChunk:
     """New tokens of one sequence for this step: they sit at positions [start, start + len(token_ids))."""
@@ -45,6 +52,7 @@ class SequenceChunk:
 class PrefillSpan:
     rows: slice            # rows of the packed batch
     blocks: tuple[int, ...]    # the blocks holding keys [0, context_len)
+    block_ids: torch.Tensor    # the same on the device
     context_len: int       # keys [0, context_len) of the sequence are attended
     mask: torch.Tensor | None  # [T, context_len] bool, None when plain causal (start == 0)
 
@@ -106,23 +114,19 @@ class ForwardBatch:
                 if c.start:
                     q_pos = torch.arange(c.start, c.end, device=device)
                     mask = torch.arange(c.end, device=device)[None, :] <= q_pos[:, None]  # [T, end]
-                prefills.append(PrefillSpan(slice(row, row + n), table, c.end, mask))
+                prefills.append(PrefillSpan(slice(row, row + n), table, to_device(table, device), c.end, mask))
 
         decode = [(c.end, *used(c, c.end)) for c in chunks[:num_decode]]
         width = max((len(d) for d in decode), default=1)
         host = torch.tensor([d + (0,) * (width - len(d)) for d in decode], dtype=torch.long).view(-1, width)
-
-        def as_tensor(values):
-            return torch.tensor(values, dtype=torch.long, device=device)
-
         return cls(
-            input_ids=as_tensor(ids),
-            positions=as_tensor(positions),
-            write_blocks=as_tensor(blocks),
-            write_rows=as_tensor(rows),
-            logits_indices=as_tensor(logits_rows),
+            input_ids=to_device(ids, device),
+            positions=to_device(positions, device),
+            write_blocks=to_device(blocks, device),
+            write_rows=to_device(rows, device),
+            logits_indices=to_device(logits_rows, device),
             num_decode=num_decode,
-            decode_tables=host.to(device),
+            decode_tables=host if torch.device(device).type == "cpu" else host.to(device, non_blocking=True),
             decode_host=host,
             max_position=max(c.end for c in chunks) - 1,
             prefills=tuple(prefills),

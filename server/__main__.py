@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--max-num-seqs sequences at --max-model-len, at most 4GiB; on CUDA see "
                    "--gpu-memory-utilization)")
     p.add_argument("--gpu-memory-utilization", type=float,
-                   help="on CUDA: the fraction of the device's memory this server may use, weights included; the "
-                   "KV cache gets what is left once the weights are loaded (as vLLM; e.g. 0.9)")
+                   help="on CUDA without --kv-cache-memory: the fraction of the device's memory this server may use, "
+                   "weights and activations included; the KV cache gets what is left after loading the weights "
+                   "and a warm-up pass (as vLLM; default 0.9)")
     p.add_argument("--block-size", type=int, help="tokens per KV cache block (default 16)")
     p.add_argument("--max-num-batched-tokens", type=int, help="tokens per forward pass (default 512)")
     p.add_argument("--max-waiting", type=int, help="queued sequences before requests get 503 (default 512)")

@@ -9,7 +9,8 @@ import torch
 
 from model.quant import QUANTIZATIONS
 
-DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # bytes, when neither --kv-cache-memory nor a GPU budget says otherwise
+DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # bytes, off CUDA when --kv-cache-memory is not given
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # on CUDA when --kv-cache-memory is not given (vLLM's default)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,7 +38,7 @@ class EngineConfig:
     max_model_len: int = 2048             # prompt + output tokens of one sequence (a limit, not a reservation)
     max_num_seqs: int = 32                # sequences running at once
     block_size: int = 16                  # tokens per KV cache block
-    kv_cache_memory: int | None = None    # bytes for the KV cache (None: see engine.kv_cache_blocks)
+    kv_cache_memory: int | None = None    # bytes for the KV cache (None: see cache_budget.kv_cache_blocks)
     gpu_memory_utilization: float | None = None  # on CUDA: the fraction of the device this process may use
     max_num_batched_tokens: int = 512     # tokens in one forward pass (decodes + prefill chunks)
     max_waiting: int = 512                # sequences queued before new requests are refused

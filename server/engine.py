@@ -6,13 +6,11 @@ import logging
 import time
 from dataclasses import dataclass
 
-import torch
-
-from model.kv_cache import KVCache
 from model.loading import LoadedModel
 from model.tokenizer import Tokenizer
 from server.block_pool import BlockPool
-from server.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from server.cache_budget import kv_cache_blocks
+from server.config import EngineConfig
 from server.output import OutputProcessor, RequestMetrics, RequestOutput, SequenceDelta, TokenLogprob
 from server.runner import ModelRunner
 from server.sampling_params import ParamError, SamplingParams
@@ -67,28 +65,6 @@ class _Request:
     seqs: list[Sequence]
     processors: dict[int, OutputProcessor]
     deadline: float | None = None  # time.monotonic() by which it must finish
-
-
-def kv_cache_blocks(config: EngineConfig, model, max_model_len: int, dtype: torch.dtype) -> int:
-    """Blocks the KV cache gets: --kv-cache-memory bytes; on CUDA, --gpu-memory-utilization of the device
-    less what is in use once the weights are loaded; else room for every sequence at full length, at most
-    DEFAULT_KV_CACHE_MEMORY."""
-    per_block = KVCache.bytes_per_token(model.config, dtype) * config.block_size
-    if config.kv_cache_memory is not None:
-        budget = config.kv_cache_memory
-    elif torch.device(config.device).type == "cuda" and config.gpu_memory_utilization is not None:
-        free, total = torch.cuda.mem_get_info(torch.device(config.device))
-        # What the forward pass itself needs beyond the weights: its largest batch's activations, with margin.
-        activations = 4 * config.max_num_batched_tokens * model.config.vocab_size
-        budget = int(config.gpu_memory_utilization * total) - (total - free) - activations
-    else:
-        wanted = config.max_num_seqs * max_model_len * per_block // config.block_size
-        budget = min(wanted, DEFAULT_KV_CACHE_MEMORY)
-    blocks = budget // per_block
-    if blocks < 1:
-        raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {config.block_size} tokens "
-                         f"({per_block} bytes)")
-    return int(blocks)
 
 
 class LLMEngine:

@@ -6,9 +6,10 @@ import logging
 
 import torch
 
-from model.batch import ForwardBatch, SequenceChunk
+from model.batch import ForwardBatch, SequenceChunk, to_device
 from model.kv_cache import KVCache
 from model.llama import Llama
+from server.decode_graphs import CapturedDecode
 from server.decode_step import PreparedDecode
 from server.output import TokenLogprob
 from server.sampler import Sampler, SampleRow, SamplerOutput
@@ -31,11 +32,14 @@ class ModelRunner:
                  self.cache.num_tokens, dtype, self.cache.nbytes / 2**20)
         self.decode_step = None
         if compile_decode:
-            if self.device.type != "cpu":
-                log.info("the compiled decode step is CPU-only for now; decoding eagerly on %s", self.device)
-            else:
+            if self.device.type == "cuda":
+                step = CapturedDecode(model, self.cache, num_slots, max_model_len, self.device)
+            elif self.device.type == "cpu":
                 step = PreparedDecode(model, self.cache, num_slots, self.device)
-                self.decode_step = step if step.prepare() else None
+            else:
+                step = None
+                log.info("no prepared decode step on %s; decoding eagerly", self.device)
+            self.decode_step = step if step is not None and step.prepare() else None
 
     def start_sequence(self, seq: Sequence) -> None:
         seq.generator = self.sampler.start_sequence(seq.slot, seq.prompt_ids, seq.params, seq.index)
@@ -74,7 +78,7 @@ class ModelRunner:
             offset += n
         if not rows:
             return None
-        index = torch.tensor(sample_rows, device=self.device)
+        index = to_device(sample_rows, self.device)
         return self.sampler.sample(logits.index_select(0, index), rows)
 
     def _check_positions(self, batch: ScheduledBatch) -> None:

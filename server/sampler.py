@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from model.batch import to_device
 from server.sampling_params import SamplingParams
 
 
@@ -133,9 +134,9 @@ class Sampler:
         self.prompt_mask[slot].zero_()
         # The mask is read only by penalties, so a request without them skips the host-to-device copy.
         if params.needs_penalties and prompt_ids:
-            self.prompt_mask[slot, torch.tensor(prompt_ids, device=self.device)] = True
+            self.prompt_mask[slot, self._tensor(prompt_ids, torch.long)] = True
         if output_ids:
-            ids = torch.tensor(output_ids, device=self.device)
+            ids = self._tensor(list(output_ids), torch.long)
             self.output_counts[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
         if params.seed is None:
             return None
@@ -265,4 +266,4 @@ class Sampler:
         return out
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype, device=self.device)
+        return to_device(data, self.device, dtype)  # never waits for the device: the one sync is _to_host's

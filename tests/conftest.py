@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Without a GPU, Triton kernels (the CUDA decode attention) run in Triton's interpreter on CPU tensors, so their
+# tests run everywhere. Read when Triton is imported, so set before anything imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from model.config import ModelConfig, RopeScaling
 from model.default import llama3_tokenizer_path

@@ -7,6 +7,7 @@ from model.batch import ForwardBatch, SequenceChunk
 from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCache
 from model.loading import build_model
+from model.triton_decode import available as triton_available
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,11 +107,14 @@ def test_mixed_batch_equals_each_sequence_alone(pair):
     torch.testing.assert_close(logits, torch.cat(expected), atol=ATOL, rtol=0)
 
 
-def test_sdpa_equals_reference_attention(pair):
+def test_sdpa_and_triton_equal_reference_attention(pair):
+    """The CPU kernels and the CUDA decode kernel (in Triton's interpreter when there is no GPU) against the
+    reference path, through the whole model."""
     config, _, ours = pair
     seqs = [random_ids(n, seed=20 + n) for n in (9, 40, 17)]
+    impls = ("reference", "sdpa", "triton") if triton_available("cpu") else ("reference", "sdpa")
     results = {}
-    for impl in ("reference", "sdpa"):
+    for impl in impls:
         ours.set_attention_impl(impl)
         cache = KVCache(config, num_blocks=3, block_size=64)
         ours(ForwardBatch.build([SequenceChunk(i, 0, s[:-1]) for i, s in enumerate(seqs)]), cache)
@@ -119,8 +123,9 @@ def test_sdpa_equals_reference_attention(pair):
         decode = ours(ForwardBatch.build([SequenceChunk(i, len(s) - 1, s[-1:]) for i, s in enumerate(seqs)]), cache)
         results[impl] = (first, decode)
     ours.set_attention_impl("sdpa")
-    for ref, got in zip(results["reference"], results["sdpa"]):
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    for impl in impls[1:]:
+        for ref, got in zip(results["reference"], results[impl]):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
 def test_bf16_stays_close_to_float32():

@@ -1,0 +1,100 @@
+"""The CUDA decode step (server/decode_graphs.py) without a GPU: the step its graphs capture, run eagerly over the
+same static buffers, with the Triton attention kernel in Triton's interpreter. On CUDA, graph replay against
+eager decoding is tests/model/test_cuda.py's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.batch import ForwardBatch, SequenceChunk
+from model.kv_cache import KVCache
+from model.loading import build_model
+from model.triton_decode import available as triton_available
+from server.decode_graphs import CapturedDecode, decode_rows, graph_sizes
+
+BLOCK = 16
+
+
+def test_graph_sizes_cover_every_batch_with_little_padding():
+    assert graph_sizes(1) == [1]
+    assert graph_sizes(8) == [1, 2, 4, 8]
+    assert graph_sizes(20) == [1, 2, 4, 8, 16, 20]
+    sizes = graph_sizes(256)
+    assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 256 and len(sizes) == 35
+    for n in range(1, 257):
+        fit = next(s for s in sizes if s >= n)
+        assert fit - n < max(8, n // 2 + 1)  # at most 7 rows of padding past 8
+
+
+def test_decode_rows_pad_with_length_zero():
+    rows = decode_rows([11, 12], [0, 33], [(5,), (7, 8, 9, 10)], size=4, block_size=BLOCK)
+    assert rows.tolist() == [[11, 0, 1, 5, 0, 0],
+                             [12, 33, 34, 7, 8, 9],  # position 33 is in the third block: 3 blocks, not 4
+                             [0, 0, 0, 0, 0, 0],
+                             [0, 0, 0, 0, 0, 0]]
+
+
+@pytest.mark.skipif(not triton_available("cpu"), reason="needs Triton's interpreter")
+def test_captured_step_equals_the_reference_forward(tiny_llama3):
+    """Three sequences of different lengths decode 20 steps through the step's buffers (batch size 4 of the
+    ladder: one padding row); logits equal the reference path's, and padding writes nothing to the cache."""
+    config = tiny_llama3.config
+    ours = build_model(config, tiny_llama3.model.state_dict().items())
+    ours.set_attention_impl("triton")
+    reference = build_model(config, tiny_llama3.model.state_dict().items())
+    reference.set_attention_impl("reference")
+    caches = [KVCache(config, num_blocks=24, block_size=BLOCK) for _ in range(2)]
+    step = CapturedDecode(ours, caches[0], max_batch=6, max_model_len=256, device=torch.device("cpu"))
+    assert step.size_for(3) == 4
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 128_000, (n,), generator=gen).tolist() for n in (5, 16, 37)]
+    tables = [(3, 9), (1, 2, 4), (6, 7, 10, 11, 12)]  # block 0 (where padding rows point) is nobody's
+    for model, cache in zip((ours, reference), caches):
+        model(ForwardBatch.build([SequenceChunk(0, 0, p, blocks=t) for p, t in zip(prompts, tables)], "cpu", BLOCK),
+              cache)
+    tokens = [p[-1] for p in prompts]
+    positions = [len(p) for p in prompts]
+    for _ in range(20):
+        got = step.run(tokens, positions, tables)
+        chunks = [SequenceChunk(0, pos, [t], blocks=tb) for t, pos, tb in zip(tokens, positions, tables)]
+        want = reference(ForwardBatch.build(chunks, "cpu", BLOCK), caches[1])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        tokens = want.argmax(-1).tolist()
+        positions = [p + 1 for p in positions]
+    torch.testing.assert_close(caches[0].k, caches[1].k, atol=1e-4, rtol=0)  # the same rows written
+    torch.testing.assert_close(caches[0].v, caches[1].v, atol=1e-4, rtol=0)
+    assert caches[0].k[:, 0].abs().max() == 0 and caches[0].v[:, 0].abs().max() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True], ids=["eager-captured", "compiled-captured"])
+def test_graph_replay_gives_the_eager_logits_on_cuda(tiny_llama3, compile):
+    """Twenty steps of three sequences replayed from CUDA graphs against the eager forward over a copy of the
+    cache, bf16: logits within bf16 rounding, the same greedy tokens wherever the top two are not near a tie."""
+    config, device = tiny_llama3.config, torch.device("cuda")
+    model = build_model(config, tiny_llama3.model.state_dict().items(), device=device, dtype=torch.bfloat16)
+    caches = [KVCache(config, num_blocks=24, block_size=BLOCK, dtype=torch.bfloat16, device=device) for _ in range(2)]
+    step = CapturedDecode(model, caches[0], max_batch=6, max_model_len=256, device=device, compile=compile)
+    assert step.prepare() and step.mode == ("compiled" if compile else "eager") and 4 in step.graphs
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 128_000, (n,), generator=gen).tolist() for n in (5, 16, 37)]
+    tables = [(3, 9), (1, 2, 4), (6, 7, 10, 11, 12)]
+    for cache in caches:
+        model(ForwardBatch.build([SequenceChunk(0, 0, p, blocks=t) for p, t in zip(prompts, tables)], device, BLOCK),
+              cache)
+    tokens, positions = [p[-1] for p in prompts], [len(p) for p in prompts]
+    for _ in range(20):
+        got = step.run(tokens, positions, tables).clone()
+        chunks = [SequenceChunk(0, pos, [t], blocks=tb) for t, pos, tb in zip(tokens, positions, tables)]
+        want = model(ForwardBatch.build(chunks, device, BLOCK), caches[1])
+        error = (got - want).abs().amax(-1)
+        assert float(error.max()) < 0.02 * float(want.abs().max())
+        top2 = want.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * error
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
+        tokens = want.argmax(-1).tolist()
+        positions = [p + 1 for p in positions]
+    assert caches[0].k[:, 0].abs().max() == 0  # padding rows wrote nothing
