@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh end to end in its CPU dry-run mode: every section runs and reports (about 30 s)."""
+"""bench/gpu_check.sh end to end in its CPU dry-run mode: every section runs and reports (about a minute)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     done = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--quick"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    for section in ("device", "sdpa", "parity", "throughput", "server", "summary"):
+    for section in ("device", "sdpa", "tests", "parity", "throughput", "transformers", "server", "summary"):
         assert f"=== {section} ===" in done.stdout
     assert "all sections passed" in done.stdout
     results = json.loads((tmp_path / "gpu_check" / "gpu_check.json").read_text())["results"]
     assert results["parity"]["passed"]
     assert set(results["throughput"]["decode_tokens_per_s"]) == {"1", "4"}
     assert 0 < results["throughput"]["batch1_fraction_of_bandwidth_limit"]
-    assert all(level["completed"] > 0 and level["failed"] == 0 for level in results["server"].values())
+    assert results["transformers"]["output_tokens"] == 6 * 8  # greedy, no early stop: every token generated
+    assert all(level["completed"] > 0 and level["failed"] == 0 for level in results["server"]["levels"].values())
+    assert any("KV cache" in line for line in results["server"]["log"])
     bench = json.loads((tmp_path / "gpu_check" / "bench.json").read_text())
     assert [run["max_concurrency"] for run in bench["runs"]] == [1, 4] and bench["prompts"]["exact"]
