@@ -20,8 +20,16 @@ import torch
 def to_device(values, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """A host list as a tensor on `device` without waiting for the device: on CUDA, an asynchronous copy (a plain
     `torch.tensor(values, device=...)` would first wait for every kernel already queued)."""
-    host = torch.tensor(values, dtype=dtype)
-    return host if torch.device(device).type == "cpu" else host.to(device, non_blocking=True)
+    return upload(torch.tensor(values, dtype=dtype), device)
+
+
+def upload(host: torch.Tensor, device: torch.device | str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`host` copied to `device` (into `out` when given) asynchronously: from pinned memory, which the caching host
+    allocator keeps until the copy is done (from pageable memory the driver may wait for the stream)."""
+    if torch.device(device).type == "cpu":
+        return host if out is None else out.copy_(host)
+    pinned = host.contiguous().pin_memory()
+    return pinned.to(device, non_blocking=True) if out is None else out.copy_(pinned, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -126,7 +134,7 @@ class ForwardBatch:
             write_rows=to_device(rows, device),
             logits_indices=to_device(logits_rows, device),
             num_decode=num_decode,
-            decode_tables=host if torch.device(device).type == "cpu" else host.to(device, non_blocking=True),
+            decode_tables=upload(host, device),
             decode_host=host,
             max_position=max(c.end for c in chunks) - 1,
             prefills=tuple(prefills),

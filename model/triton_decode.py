@@ -55,7 +55,7 @@ if triton is not None:
         if UPCAST:
             q = q.to(tl.float32)
         m = tl.full([GP], float("-inf"), tl.float32)
-        l = tl.zeros([GP], tl.float32)
+        total = tl.zeros([GP], tl.float32)  # the softmax's denominator so far
         acc = tl.zeros([GP, D], tl.float32)
         n = tl.arange(0, BN)
         for start in range(0, length, BN):
@@ -71,13 +71,13 @@ if triton is not None:
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
+            total = total * alpha + tl.sum(p, 1)
             v = tl.load(VC + rows[:, None] + d[None, :], mask=inside[:, None], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-        out = acc / tl.where(l > 0, l, 1.0)[:, None]  # padding rows: 0 / 1
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]  # padding rows: 0 / 1
         o = O + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
         tl.store(o, out.to(O.dtype.element_ty), mask=g[:, None] < G)
 

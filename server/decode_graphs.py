@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from model.batch import ForwardBatch
+from model.batch import ForwardBatch, upload
 from model.kv_cache import KVCache
 from model.llama import Llama
 from model.triton_decode import available as triton_available
@@ -36,10 +36,10 @@ def decode_rows(token_ids: list[int], positions: list[int], tables: list[tuple[i
     """[size, 3 + max blocks] on the host, a row per sequence: token, position, length (position + 1), then the
     blocks its tokens cover. Rows past len(token_ids) are zeros: padding, length 0."""
     counts = [p // block_size + 1 for p in positions]
-    rows = torch.zeros(size, 3 + max(counts, default=1), dtype=torch.long)
-    for i, (token, position, table, count) in enumerate(zip(token_ids, positions, tables, counts)):
-        rows[i, :3 + count] = torch.tensor([token, position, position + 1, *table[:count]])
-    return rows
+    width = 3 + max(counts, default=1)
+    rows = [[token, position, position + 1, *table[:count]] + [0] * (width - 3 - count)
+            for token, position, table, count in zip(token_ids, positions, tables, counts)]
+    return torch.tensor(rows + [[0] * width] * (size - len(rows)), dtype=torch.long)  # one conversion, not one a row
 
 
 class CapturedDecode:
@@ -127,9 +127,9 @@ class CapturedDecode:
             raise ValueError(f"the decode graphs hold at most {self.max_batch} rows, got {n}")
         rows = decode_rows(token_ids, positions, tables, size, self.cache.block_size)
         # Asynchronous copies: the replay is queued behind them, and the host does not wait for the device.
-        self.input_ids[:size].copy_(rows[:, 0], non_blocking=True)
-        self.positions[:size].copy_(rows[:, 1], non_blocking=True)
-        self.tables[:size, :rows.shape[1] - 2].copy_(rows[:, 2:], non_blocking=True)  # columns past them: unread
+        upload(rows[:, 0], self.device, self.input_ids[:size])
+        upload(rows[:, 1], self.device, self.positions[:size])
+        upload(rows[:, 2:], self.device, self.tables[:size, :rows.shape[1] - 2])  # columns past these: unread
         graph = self.graphs.get(size)
         if graph is None:  # not captured (the tests, on CPU): the same step, run eagerly
             with torch.no_grad():

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from model.batch import upload
 from server.sampling_params import ParamError
 
 log = logging.getLogger(__name__)
@@ -198,5 +199,6 @@ class MaskFiller:
             self._bitmask = self.xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
         for i in rows:
             matchers[i].fill_next_token_bitmask(self._bitmask, i)
-        self.xgr.apply_token_bitmask_inplace(logits, self._bitmask[:logits.shape[0]].to(logits.device),
+        mask = upload(self._bitmask[:logits.shape[0]], logits.device)  # on CUDA: no wait for the step to finish
+        self.xgr.apply_token_bitmask_inplace(logits, mask,
                                              vocab_size=self.vocab_size, indices=rows)
