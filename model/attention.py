@@ -154,7 +154,10 @@ class Attention(nn.Module):
         v_cache[batch.write_blocks[B:], :, batch.write_rows[B:]] = v[B:]
         attend = reference_attention if self.impl == "reference" else sdpa_attention
         for span in batch.prefills:
-            if len(span.blocks) == 1:  # one block (a slot): a view
+            if span.mask is None:  # a prompt's first chunk: its keys are this step's rows, nothing to gather
+                keys = k[span.rows].transpose(0, 1).unsqueeze(0)  # [1, Hkv, T, D]
+                values = v[span.rows].transpose(0, 1).unsqueeze(0)
+            elif len(span.blocks) == 1:  # one block (a slot): a view
                 keys = k_cache[span.blocks[0], :, :span.context_len].unsqueeze(0)  # [1, Hkv, L, D]
                 values = v_cache[span.blocks[0], :, :span.context_len].unsqueeze(0)
             else:
