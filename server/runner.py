@@ -78,8 +78,9 @@ class ModelRunner:
             offset += n
         if not rows:
             return None
-        index = to_device(sample_rows, self.device)
-        return self.sampler.sample(logits.index_select(0, index), rows)
+        if sample_rows != list(range(logits.shape[0])):  # else every row samples, in order: no copy
+            logits = logits.index_select(0, to_device(sample_rows, self.device))
+        return self.sampler.sample(logits, rows)
 
     def _check_positions(self, batch: ScheduledBatch) -> None:
         """What the eager forward checks, for the compiled step (which cannot)."""
