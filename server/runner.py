@@ -80,7 +80,8 @@ class ModelRunner:
             return None
         if sample_rows != list(range(logits.shape[0])):  # else every row samples, in order: no copy
             logits = logits.index_select(0, to_device(sample_rows, self.device))
-        return self.sampler.sample(logits, rows)
+        with torch.inference_mode():  # the forward's logits are inference tensors, which the sampler updates
+            return self.sampler.sample(logits, rows)
 
     def _check_positions(self, batch: ScheduledBatch) -> None:
         """What the eager forward checks, for the compiled step (which cannot)."""
