@@ -4,6 +4,8 @@ eager decoding is tests/model/test_cuda.py's."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,6 +14,8 @@ from model.kv_cache import KVCache
 from model.loading import build_model
 from model.triton_decode import available as triton_available
 from server.decode_graphs import CapturedDecode, decode_rows, graph_sizes
+from server.sampling_params import SamplingParams
+from tests.server.test_engine import assert_all_slots_free, make_engine, run
 
 BLOCK = 16
 
@@ -98,3 +102,33 @@ def test_graph_replay_gives_the_eager_logits_on_cuda(tiny_llama3, compile):
         tokens = want.argmax(-1).tolist()
         positions = [p + 1 for p in positions]
     assert caches[0].k[:, 0].abs().max() == 0  # padding rows wrote nothing
+
+
+@pytest.mark.skipif(not triton_available("cpu"), reason="needs Triton's interpreter")
+def test_engine_on_the_captured_step_gives_the_eager_outputs(tiny_llama3):
+    """The runner wired to the CUDA step (its static buffers and ladder, the Triton kernel), run eagerly on CPU:
+    ten requests of different lengths, one with n=2, in a cache small enough to preempt, give the greedy tokens
+    the eager engine gives, and the cache ends empty."""
+    config = tiny_llama3.config
+    ours = build_model(config, tiny_llama3.model.state_dict().items())
+    ours.set_attention_impl("triton")
+    loaded = dataclasses.replace(tiny_llama3, model=ours)
+    per_block = KVCache.bytes_per_token(config, torch.float32) * BLOCK
+    settings = dict(kv_cache_memory=24 * per_block, block_size=BLOCK, max_num_seqs=6, max_model_len=256,
+                    max_num_batched_tokens=64)
+    engine = make_engine(loaded, **settings)
+    runner = engine.runner
+    runner.decode_step = CapturedDecode(ours, runner.cache, 6, engine.max_model_len, torch.device("cpu"))
+
+    gen = torch.Generator().manual_seed(11)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    requests = {f"r{i}": (torch.randint(0, 128_000, (5 + 9 * i,), generator=gen).tolist(), params)
+                for i in range(10)}
+    requests["n2"] = (requests["r3"][0][:30], SamplingParams(temperature=0.0, max_tokens=20, n=2, ignore_eos=True))
+    got = run(engine, requests)
+    want = run(make_engine(tiny_llama3, **settings), requests)
+    assert engine.stats().num_preemptions > 0
+    assert {k: r.token_ids for k, r in got.items()} == {k: r.token_ids for k, r in want.items()}
+    assert all(len(r.token_ids) == 20 for r in got.values()) and len(got) == 12
+    assert_all_slots_free(engine)
+    assert engine.stats().blocks_used == 0
