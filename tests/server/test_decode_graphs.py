@@ -14,6 +14,8 @@ from model.kv_cache import KVCache
 from model.loading import build_model
 from model.triton_decode import available as triton_available
 from server.decode_graphs import CapturedDecode, decode_rows, graph_sizes
+from server.config import EngineConfig
+from server.engine import LLMEngine
 from server.sampling_params import SamplingParams
 from tests.server.test_engine import assert_all_slots_free, make_engine, run
 
@@ -132,3 +134,24 @@ def test_engine_on_the_captured_step_gives_the_eager_outputs(tiny_llama3):
     assert all(len(r.token_ids) == 20 for r in got.values()) and len(got) == 12
     assert_all_slots_free(engine)
     assert engine.stats().blocks_used == 0
+
+
+@pytest.mark.gpu
+def test_cuda_engine_stays_within_its_memory_fraction_and_decodes_through_graphs(tiny_llama3):
+    """--gpu-memory-utilization 0.3: the cache is sized from memory measured after loading and a warm-up pass,
+    and after serving, this process holds at most that fraction of the device; the decode step is captured."""
+    config, device = tiny_llama3.config, torch.device("cuda")
+    model = build_model(config, tiny_llama3.model.state_dict().items(), device=device, dtype=torch.bfloat16)
+    loaded = dataclasses.replace(tiny_llama3, model=model)
+    engine = LLMEngine(loaded, EngineConfig(device="cuda", gpu_memory_utilization=0.3, max_num_seqs=32,
+                                            max_model_len=1024, max_num_batched_tokens=1024))
+    assert isinstance(engine.runner.decode_step, CapturedDecode) and engine.runner.decode_step.graphs
+    gen = torch.Generator().manual_seed(4)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    results = run(engine, {f"r{i}": (torch.randint(0, 128_000, (40 + i,), generator=gen).tolist(), params)
+                           for i in range(40)})
+    assert all(len(r.token_ids) == 16 for r in results.values()) and len(results) == 40
+    assert engine.stats().blocks_used == 0
+    free, total = torch.cuda.mem_get_info(device)
+    assert torch.cuda.memory_reserved(device) <= 0.3 * total
+    assert engine.runner.cache.nbytes > 0.1 * total  # most of the fraction went to the cache
