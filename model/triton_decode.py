@@ -1,11 +1,15 @@
 """Decode attention over the paged KV cache as a Triton kernel: the CUDA path of `llama3::decode_attention`.
 
-One program per (sequence, KV head). It writes the sequence's new key and value at row (length - 1) % S of its
-block, then walks the tokens [0, length) through the block table, BLOCK_N at a time, with an online softmax:
-the query heads that share the KV head are the rows of one small matrix product, so each key and value is read
-once. It reads device tensors only (lengths and block tables included), never the host, and allocates nothing
-but its output, so a CUDA graph can capture it. Rows of length 0 are padding: nothing is written, the output
-is zero.
+One program per (sequence, KV head, split): the tokens a sequence may hold are cut into splits of a fixed size
+(flash-decoding), so a small batch still spreads over the GPU's multiprocessors. The split that holds the new
+token first writes its key and value at row (length - 1) % S of its block. Each program walks its tokens through
+the block table, BLOCK_N at a time, with an online softmax: the query heads that share the KV head are the rows
+of one small matrix product, so each key and value is read once. A second kernel merges the splits' partial
+results by their maxima and denominators. The split size depends only on the width of the block table (the
+longest sequence the step may hold), never on the batch, so a sequence's arithmetic does not depend on what it is
+batched with. Lengths and block tables are read on the device only, never from the host, and nothing is
+allocated but the output and the partial results, so a CUDA graph can capture both kernels. Rows of length 0 are
+padding: nothing is written, the output is zero.
 
 Under TRITON_INTERPRET=1 (set before Triton is imported) it runs on CPU tensors, which is how the tests check
 it on machines without a GPU; there, bf16 operands are multiplied in float32 (the interpreter's bf16 product is
@@ -24,27 +28,34 @@ try:
 except ImportError:  # CUDA without Triton falls back to SDPA; the CPU never needs it
     triton = None
 
-BLOCK_N = 64  # tokens per iteration: several cache blocks, gathered through the table
+BLOCK_N = 64      # tokens per iteration: several cache blocks, gathered through the table
+MIN_SPLIT = 128   # tokens per split at least; more when a sequence may hold more than MAX_SPLITS of them
+MAX_SPLITS = 32
 
 
 if triton is not None:
     @triton.jit
-    def _paged_decode(Q, K, V, KC, VC, T, O,
+    def _paged_decode(Q, K, V, KC, VC, T, O, PO, PML,
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                       stride_cb, stride_ch, stride_cs, stride_tb, stride_ob, stride_oh, scale,
-                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-                      BN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, S: tl.constexpr, BN: tl.constexpr,
+                      SPLIT: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
+        split = tl.program_id(2)
         table = T + b * stride_tb
         length = tl.load(table)  # tokens to attend, the new one included; 0: a padding row
+        lo = split * SPLIT
+        hi = tl.minimum(lo + SPLIT, length)
         d = tl.arange(0, D)
 
-        # The new token's key and value go to the cache first; the barrier makes them visible to every thread.
+        # The new token's key and value go to the cache first, by the split that reads them; the barrier makes
+        # them visible to all of its threads.
         pos = tl.maximum(length - 1, 0)
         block = tl.load(table + 1 + pos // S)
         dst = block * stride_cb + h * stride_ch + (pos % S) * stride_cs + d
-        written = d < D * tl.minimum(length, 1)  # all of the head, or nothing for padding
+        mine = ((length > 0) & (pos >= lo) & (pos < hi)).to(tl.int32)
+        written = d < D * mine  # all of the head, or nothing
         tl.store(KC + dst, tl.load(K + b * stride_kb + h * stride_kh + d), mask=written)
         tl.store(VC + dst, tl.load(V + b * stride_vb + h * stride_vh + d), mask=written)
         tl.debug_barrier()
@@ -58,9 +69,9 @@ if triton is not None:
         total = tl.zeros([GP], tl.float32)  # the softmax's denominator so far
         acc = tl.zeros([GP, D], tl.float32)
         n = tl.arange(0, BN)
-        for start in range(0, length, BN):
+        for start in range(lo, hi, BN):
             tok = start + n
-            inside = tok < length
+            inside = tok < hi
             blocks = tl.load(table + 1 + tok // S, mask=inside, other=0)
             rows = blocks * stride_cb + h * stride_ch + (tok % S) * stride_cs  # [BN]
             k = tl.load(KC + rows[:, None] + d[None, :], mask=inside[:, None], other=0.0)  # [BN, D]
@@ -77,9 +88,35 @@ if triton is not None:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-        out = acc / tl.where(total > 0, total, 1.0)[:, None]  # padding rows: 0 / 1
-        o = O + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
-        tl.store(o, out.to(O.dtype.element_ty), mask=g[:, None] < G)
+        valid = g[:, None] < G
+        if SPLITS == 1:
+            out = acc / tl.where(total > 0, total, 1.0)[:, None]  # padding rows: 0 / 1
+            o = O + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+            tl.store(o, out.to(O.dtype.element_ty), mask=valid)
+        else:  # partial results [B, H, SPLITS, D] and their maxima and denominators [B, H, SPLITS, 2], float32
+            row = (b * G * tl.num_programs(1) + heads) * SPLITS + split  # [GP]
+            tl.store(PO + row[:, None] * D + d[None, :], acc, mask=valid)
+            tl.store(PML + row * 2, m, mask=g < G)
+            tl.store(PML + row * 2 + 1, total, mask=g < G)
+
+    @triton.jit
+    def _merge_splits(PO, PML, O, stride_ob, stride_oh, H, D: tl.constexpr, SPLITS: tl.constexpr,
+                      SP: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        i = tl.arange(0, SP)
+        d = tl.arange(0, D)
+        row = (b * H + h) * SPLITS + i  # [SP]
+        used = i < SPLITS
+        m = tl.load(PML + row * 2, mask=used, other=float("-inf"))
+        total = tl.load(PML + row * 2 + 1, mask=used, other=0.0)
+        top = tl.max(m, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)  # no token at all (padding): every weight is 0
+        weight = tl.exp(m - top)  # [SP]; empty splits (m = -inf) weigh 0
+        acc = tl.load(PO + row[:, None] * D + d[None, :], mask=used[:, None], other=0.0)  # [SP, D]
+        denominator = tl.sum(weight * total, 0)
+        out = tl.sum(weight[:, None] * acc, 0) / tl.where(denominator > 0, denominator, 1.0)
+        tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
 
 
 @functools.cache
@@ -93,6 +130,15 @@ def available(device_type: str) -> bool:
     return bool(getattr(knobs.runtime, "interpret", False))
 
 
+def split_size(max_tokens: int) -> int:
+    """Tokens per split for sequences of at most `max_tokens`: MIN_SPLIT, doubled until MAX_SPLITS splits cover
+    them (a multiple of BLOCK_N)."""
+    size = MIN_SPLIT
+    while size * MAX_SPLITS < max_tokens:
+        size *= 2
+    return size
+
+
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                            v_cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """q [B, H, D], k and v [B, Hkv, D]; caches [blocks, Hkv, S, D]; tables [B, W] on the device: each row's
@@ -102,13 +148,22 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     if D & (D - 1) or min(q.stride(-1), k.stride(-1), v.stride(-1), k_cache.stride(-1)) != 1:
         raise ValueError("the paged decode kernel needs a power-of-two head size and contiguous heads")
     G = H // Hkv
+    max_tokens = (tables.shape[1] - 1) * S  # what the widest block table holds
+    split = split_size(max_tokens)
+    splits = -(-max_tokens // split)
     # The interpreter's bf16 matrix product is wrong (Triton 3.9), so there bf16 operands are multiplied in float32.
     interpreted = q.device.type != "cuda"
     out = torch.empty_like(q)
-    _paged_decode[(B, Hkv)](
-        q, k, v, k_cache, v_cache, tables, out,
+    partial = torch.empty(B * H * splits * D if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    maxima = torch.empty(B * H * splits * 2 if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    _paged_decode[(B, Hkv, splits)](
+        q, k, v, k_cache, v_cache, tables, out, partial, maxima,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0), out.stride(0), out.stride(1),
-        D ** -0.5, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, S=S, BN=BLOCK_N,
-        PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32", UPCAST=interpreted and q.dtype == torch.bfloat16)
+        D ** -0.5, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, S=S, BN=BLOCK_N, SPLIT=split, SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",
+        UPCAST=interpreted and q.dtype == torch.bfloat16)
+    if splits > 1:
+        _merge_splits[(B, H)](partial, maxima, out, out.stride(0), out.stride(1), H, D=D, SPLITS=splits,
+                              SP=triton.next_power_of_2(splits))
     return out

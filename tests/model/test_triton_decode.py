@@ -8,7 +8,7 @@ else, every output row is written, padding rows give zeros.
 import pytest
 import torch
 
-from model.triton_decode import available, paged_decode_attention
+from model.triton_decode import available, paged_decode_attention, split_size
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if not available(DEVICE):
@@ -85,3 +85,34 @@ def test_kernel_reads_query_and_new_rows_through_strides():
     got = paged_decode_attention(q, k, v, k_cache, v_cache, tables.to(DEVICE))
     assert torch.equal(k_cache.cpu(), want_k) and torch.equal(v_cache.cpu(), want_v)
     assert (got.cpu().double() - want).norm() / want.norm() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_sequences_split_and_merge(dtype):
+    """Block tables wide enough for 4,352 tokens: 32 splits of 256 tokens per (sequence, KV head), most of them
+    empty for the short rows, merged into one output; the split boundaries fall inside blocks and rows."""
+    gen = torch.Generator().manual_seed(11)
+    H, Hkv, D, S = 8, 2, 64, 16
+    width = 1 + 4352 // S
+    lengths = [4300, 1, 0, 257, 2000]
+    assert split_size((width - 1) * S) == 256
+    num_blocks = sum(-(-n // S) for n in lengths) + 4
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.zeros(len(lengths), width, dtype=torch.long)
+    for b, length in enumerate(lengths):
+        n = -(-length // S)
+        tables[b, 0] = length
+        tables[b, 1:1 + n] = torch.tensor(order[:n], dtype=torch.long)
+        order = order[n:]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    q, k, v = rand(len(lengths), H, D), rand(len(lengths), Hkv, D), rand(len(lengths), Hkv, D)
+    k_cache, v_cache = rand(num_blocks, Hkv, S, D), rand(num_blocks, Hkv, S, D)
+    want, want_k, want_v = expected(q, k, v, k_cache, v_cache, tables)
+    got = paged_decode_attention(q, k, v, k_cache, v_cache, tables.to(DEVICE)).cpu().double()
+    assert torch.equal(k_cache.cpu(), want_k) and torch.equal(v_cache.cpu(), want_v)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    for b in (0, 1, 3, 4):
+        assert (got[b] - want[b]).norm() / want[b].norm() < TOLERANCE[dtype], b
