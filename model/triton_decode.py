@@ -44,7 +44,7 @@ if triton is not None:
         h = tl.program_id(1)
         split = tl.program_id(2)
         table = T + b * stride_tb
-        length = tl.load(table)  # tokens to attend, the new one included; 0: a padding row
+        length = tl.load(table).to(tl.int32)  # tokens to attend, the new one included; 0: a padding row
         lo = split * SPLIT
         hi = tl.minimum(lo + SPLIT, length)
         d = tl.arange(0, D)
