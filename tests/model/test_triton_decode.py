@@ -17,6 +17,18 @@ if not available(DEVICE):
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative, by the operands' dtype
 
 
+def random_tables(lengths: list[int], block_size: int, width: int, num_blocks: int, gen) -> torch.Tensor:
+    """[len(lengths), width]: each row's length, then its blocks, shuffled and disjoint from the other rows'."""
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.zeros(len(lengths), width, dtype=torch.long)
+    for b, length in enumerate(lengths):
+        n = -(-length // block_size)
+        tables[b, 0] = length
+        tables[b, 1:1 + n] = torch.tensor(order[:n], dtype=torch.long)
+        order = order[n:]
+    return tables
+
+
 def expected(q, k, v, k_cache, v_cache, tables):
     """Caches after the writes, and the output, in float64 on the CPU."""
     k_cache, v_cache = k_cache.cpu().clone(), v_cache.cpu().clone()
@@ -46,13 +58,7 @@ def test_kernel_matches_float64_attention(dtype, heads, kv_heads, head_dim, bloc
     S, num_blocks = block_size, 48
     lengths = [1, S, S + 1, 0, 150, 3 * S - 1, 0]  # padding rows anywhere: each row stands alone
     B, width = len(lengths), 1 + -(-max(lengths) // S) + 2  # a table wider than any row needs
-    order = torch.randperm(num_blocks, generator=gen).tolist()  # each row's blocks: shuffled, disjoint
-    tables = torch.zeros(B, width, dtype=torch.long)
-    for b, length in enumerate(lengths):
-        n = -(-length // S)
-        tables[b, 0] = length
-        tables[b, 1:1 + n] = torch.tensor(order[:n], dtype=torch.long)
-        order = order[n:]
+    tables = random_tables(lengths, S, width, num_blocks, gen)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
@@ -97,13 +103,7 @@ def test_long_sequences_split_and_merge(dtype):
     lengths = [4300, 1, 0, 257, 2000]
     assert split_size((width - 1) * S) == 256
     num_blocks = sum(-(-n // S) for n in lengths) + 4
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = torch.zeros(len(lengths), width, dtype=torch.long)
-    for b, length in enumerate(lengths):
-        n = -(-length // S)
-        tables[b, 0] = length
-        tables[b, 1:1 + n] = torch.tensor(order[:n], dtype=torch.long)
-        order = order[n:]
+    tables = random_tables(lengths, S, width, num_blocks, gen)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
