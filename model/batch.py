@@ -60,7 +60,7 @@ class SequenceChunk:
 class PrefillSpan:
     rows: slice            # rows of the packed batch
     blocks: tuple[int, ...]    # the blocks holding keys [0, context_len)
-    block_ids: torch.Tensor    # the same on the device
+    block_ids: torch.Tensor | None  # the same on the device; None for a first chunk, which reads no cache
     context_len: int       # keys [0, context_len) of the sequence are attended
     mask: torch.Tensor | None  # [T, context_len] bool, None when plain causal (start == 0)
 
@@ -122,7 +122,8 @@ class ForwardBatch:
                 if c.start:
                     q_pos = torch.arange(c.start, c.end, device=device)
                     mask = torch.arange(c.end, device=device)[None, :] <= q_pos[:, None]  # [T, end]
-                prefills.append(PrefillSpan(slice(row, row + n), table, to_device(table, device), c.end, mask))
+                block_ids = to_device(table, device) if c.start else None
+                prefills.append(PrefillSpan(slice(row, row + n), table, block_ids, c.end, mask))
 
         decode = [(c.end, *used(c, c.end)) for c in chunks[:num_decode]]
         width = max((len(d) for d in decode), default=1)
