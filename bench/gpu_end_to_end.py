@@ -23,6 +23,7 @@ from model.config import ModelConfig  # noqa: E402
 from model.default import llama3_tokenizer_path  # noqa: E402
 from model.llama import Llama  # noqa: E402
 from model.loading import build_model  # noqa: E402
+from launch import wait_healthy  # noqa: E402
 
 
 def random_state(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
@@ -110,8 +111,6 @@ def section_transformers(ctx: dict) -> dict:
 
 
 def section_server(ctx: dict) -> dict:
-    import httpx
-
     device, sizes, out = ctx["device"], ctx["sizes"], ctx["out"]
     directory = model_directory(ctx)
     with socket.socket() as s:
@@ -130,17 +129,10 @@ def section_server(ctx: dict) -> dict:
         server = subprocess.Popen(server_cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
         try:
-            deadline = time.monotonic() + sizes["server_wait"]
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    tail = log_path.read_text()[-3000:]
-                    raise RuntimeError(f"the server did not become healthy; its log ends:\n{tail}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+            try:
+                wait_healthy(url, server, sizes["server_wait"])
+            except RuntimeError as e:
+                raise RuntimeError(f"{e}; its log ends:\n{log_path.read_text()[-3000:]}") from None
             startup = time.monotonic() - start
             bench_cmd = [sys.executable, "-m", "server.bench", "--base-url", url, "--sweep-concurrency",
                          sizes["levels"], "--num-prompts", sizes["prompts"], "--input-len", str(sizes["input_len"]),

@@ -21,6 +21,8 @@ import time
 
 import httpx
 
+from launch import wait_healthy
+
 
 def prompt_ids(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(1000, 40000) for _ in range(n)]
@@ -105,15 +107,7 @@ def main() -> None:
     print("server:", " ".join(cmd[1:]))
     server = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        for _ in range(900):
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise SystemExit("the server did not become ready")
+        wait_healthy(url, server, 900)
         asyncio.run(concurrent_equals_alone(url, args.concurrency))
         asyncio.run(long_prompt_while_streaming(url))
         text = httpx.get(f"{url}/metrics").text
