@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from model.batch import ForwardBatch, SequenceChunk
-from model.chat_template import render_chat
 from model.kv_cache import KVCache
 from model.loading import load
-from server.decode_step import PreparedDecode
+from model.text.chat_template import render_chat
+from server.worker.decode.compiled import CompiledDecode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ class DecodePath:
     def __init__(self, model, config, max_len: int, compiled: bool):
         self.model = model
         self.cache = KVCache(config, 1, max_len, dtype=torch.bfloat16)
-        self.step = PreparedDecode(model, self.cache, 1, torch.device("cpu")) if compiled else None
+        self.step = CompiledDecode(model, self.cache, 1, torch.device("cpu")) if compiled else None
         if self.step is not None and not self.step.prepare():
             self.step = None
 
@@ -81,7 +81,7 @@ class DecodePath:
         rows = [self.model(ForwardBatch.build([SequenceChunk(0, 0, ids[:1])]), self.cache)]
         for position in range(1, len(ids)):
             if self.step is not None:
-                rows.append(self.step.run([ids[position]], [position], [0]))
+                rows.append(self.step.run([ids[position]], [position], [(0,)]))
             else:
                 chunk = SequenceChunk(0, position, ids[position:position + 1], decode=True)
                 rows.append(self.model(ForwardBatch.build([chunk]), self.cache))

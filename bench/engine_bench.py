@@ -15,9 +15,9 @@ import random
 import time
 
 from model.loading import load
-from server.config import EngineConfig
-from server.engine import LLMEngine
-from server.sampling_params import SamplingParams
+from server.engine.config import EngineConfig
+from server.engine.llm_engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
 
 
 def run_level(engine: LLMEngine, concurrency: int, prompt_len: int, output_len: int, seed: int) -> tuple[float, float]:

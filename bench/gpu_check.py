@@ -8,8 +8,8 @@ tiny model; decode tokens/s at several batch sizes (through the CUDA graphs the 
 batch 1) and prefill tokens/s for a Llama 3.2 1B-shaped model, with batch 1 set against the memory-bandwidth limit
 measured by a device-to-device copy; `transformers`' continuous batching (`generate_batch`) on the same model and
 prompts; and the benchmark client against our server serving that model from a temporary Hugging Face directory.
-The summary sets the figures against issue 9's targets. The last two sections are in gpu_end_to_end.py. `--quick` shrinks every size so the whole pass runs on a
-CPU in a minute or two. A failing section is reported and the others still run.
+The summary sets the figures against the CUDA path's targets (TARGETS). The last two sections are in
+gpu_end_to_end.py. `--quick` shrinks every size so the whole pass runs on a CPU in a minute or two. A failing section is reported and the others still run.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gpu_end_to_end import random_state, section_server, section_transformers  # noqa: E402
+
 from model.batch import ForwardBatch, SequenceChunk  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.default import llama3_tokenizer_path  # noqa: E402
 from model.kv_cache import KVCache  # noqa: E402
 from model.llama import Llama  # noqa: E402
 from model.loading import build_model  # noqa: E402
-from gpu_end_to_end import random_state, section_server, section_transformers  # noqa: E402
+from model.paths import llama3_tokenizer_path  # noqa: E402
 
 TINY = dict(vocab_size=128_256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -46,7 +47,7 @@ FULL = dict(batches=(1, 16, 64, 256), context=512, steps=32, prefill=2048, copy_
 QUICK = dict(batches=(1, 4), context=32, steps=4, prefill=128, copy_mib=128, parity_steps=16,
              levels="1,4", prompts="2,6", input_len=32, output_len=8, server_wait=120, hf_prompts=6, max_num_seqs=4)
 BLOCK = 16  # the server's default block size
-TARGETS = {"batch1_fraction": 0.75, "vs_transformers": 5.0, "ttft_p50_ms_at_32": 50.0}  # issue 9, on an H200
+TARGETS = {"batch1_fraction": 0.75, "vs_transformers": 5.0, "ttft_p50_ms_at_32": 50.0}  # the CUDA path's, on an H200
 
 
 def sync(device: torch.device) -> None:
@@ -80,8 +81,8 @@ def section_device(ctx: dict) -> dict:
 
 def section_sdpa(ctx: dict) -> dict:
     """Which SDPA backends are enabled, which accept our two call shapes, and which kernels the model runs."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device, dtype, shape = ctx["device"], ctx["dtype"], ctx["bench_config"]
     enabled = {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled", lambda: None)()
@@ -142,7 +143,7 @@ def greedy(model, prompt: list[int], steps: int, device: torch.device, forced: l
 def section_parity(ctx: dict) -> dict:
     """The device in bf16 against CPU float32, same weights: greedy tokens, and at any disagreement the
     reference's margin between its top two logits (a near-tie is a rounding call, not a bug)."""
-    from model.tokenizer import Tokenizer
+    from model.text.tokenizer import Tokenizer
 
     device, steps = ctx["device"], ctx["sizes"]["parity_steps"]
     config = ModelConfig(**TINY, name="tiny-parity")
@@ -171,7 +172,7 @@ def section_parity(ctx: dict) -> dict:
 def model_speed(model: Llama, sizes: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Decode tokens/s per batch size over a filled context, through the decode step the server runs (CUDA graphs
     on a GPU), and eagerly at batch 1; prefill tokens/s of one long prompt."""
-    from server.decode_graphs import CapturedDecode
+    from server.worker.decode.graphs import CapturedDecode
 
     batches, context, steps = sizes["batches"], sizes["context"], sizes["steps"]
     per_sequence = -(-(context + steps + 1) // BLOCK)
@@ -252,7 +253,7 @@ def section_tests(ctx: dict) -> dict:
     """The tests that need a GPU (marked `gpu`), and the paged attention kernel's, compiled for this device."""
     if ctx["device"].type != "cuda":
         return {"skipped": "not a CUDA device"}
-    files = ["tests/model/test_triton_decode.py", "tests/server/test_decode_graphs.py", "tests/model/test_cuda.py"]
+    files = ["tests/model/kernels/test_triton_decode.py", "tests/server/worker/test_decode_graphs.py", "tests/model/test_cuda.py"]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
     print(done.stdout[-5000:], done.stderr[-2000:], sep="\n", flush=True)
@@ -266,7 +267,7 @@ def verdict(ok: bool) -> str:
 
 
 def summary_lines(r: dict, quick: bool) -> list[str]:
-    """The figures that matter, one line each, set against issue 9's targets (which are for an H200, not --quick)."""
+    """The figures that matter, one line each, set against TARGETS (which are for an H200, not --quick)."""
     lines = []
     if "device" in r:
         d = r["device"]

@@ -18,12 +18,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.chat_template import LLAMA3_CHAT_TEMPLATE  # noqa: E402
+from launch import wait_healthy  # noqa: E402
+
 from model.config import ModelConfig  # noqa: E402
-from model.default import llama3_tokenizer_path  # noqa: E402
 from model.llama import Llama  # noqa: E402
 from model.loading import build_model  # noqa: E402
-from launch import wait_healthy  # noqa: E402
+from model.paths import llama3_tokenizer_path  # noqa: E402
+from model.text.chat_template import LLAMA3_CHAT_TEMPLATE  # noqa: E402
 
 
 def random_state(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:

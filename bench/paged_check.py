@@ -1,4 +1,4 @@
-"""The paged KV cache's CPU targets (issue 9), against a real server process; prints figures.
+"""The paged KV cache on CPU against a real server process; prints figures.
 
 1. `--max-model-len 8192 --kv-cache-memory 1GiB --max-num-seqs 64`: 64 concurrent requests of 200 prompt and
    64 output tokens (greedy) are all running at once (read from /metrics), and each output equals the output of
@@ -20,7 +20,6 @@ import sys
 import time
 
 import httpx
-
 from launch import wait_healthy
 
 

@@ -15,12 +15,13 @@ import random
 import time
 
 from model.loading import load
-from server.config import EngineConfig
-from server.decode_step import use_persistent_compile_cache
-from server.engine import LLMEngine
-from server.sampling_params import SamplingParams
-from server.structured import GrammarCompiler, json_schema_spec
-from server.tool_calls import tool_spec
+from server.engine.config import EngineConfig
+from server.engine.grammar import GrammarCompiler
+from server.openai.constraints import json_schema_spec
+from server.engine.llm_engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
+from server.openai.tool_calls import tool_spec
+from server.worker.decode.compiled import use_persistent_compile_cache
 
 
 def twenty_tools() -> list[dict]:

@@ -19,10 +19,11 @@ from torch import nn
 
 from model.batch import ForwardBatch, to_device
 from model.config import ModelConfig
-from model.cpu_kernels import decode_attention_kernel
+from model.kernels.cpu import decode_attention_kernel
+from model.kernels.triton_decode import available as triton_available
+from model.kernels.triton_decode import paged_decode_attention
 from model.layers import project
 from model.rope import apply_rope
-from model.triton_decode import available as triton_available, paged_decode_attention
 
 # "sdpa": the device's kernels (above); "reference": everything spelled out in float32; "triton": decode through
 # the Triton kernel whatever the device (on CPU under TRITON_INTERPRET=1, for tests).
@@ -56,15 +57,17 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tor
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, tables: torch.Tensor, host: torch.Tensor, impl: str) -> torch.Tensor:
+                      v_cache: torch.Tensor, tables: torch.Tensor, host: torch.Tensor | None,
+                      impl: str) -> torch.Tensor:
     """q [B, H, D], k and v [B, Hkv, D] of each row's newest token; `tables` [B, W]: each row's length (tokens to
     attend, the new one included), then its block table; `host` is the same on the CPU, read without a device
-    sync (the Triton kernel does not read it). The new K/V are written at position length - 1 first. Rows with
-    length 0 are padding: nothing is written for them and their output is zero."""
+    sync (None where the caller runs the Triton kernel, which reads none). The new K/V are written at position
+    length - 1 first. Rows with length 0 are padding: nothing is written for them and their output is zero."""
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     if impl == "triton" or (impl == "sdpa" and q.device.type == "cuda" and triton_available("cuda")):
         return paged_decode_attention(q, k, v, k_cache, v_cache, tables)
+    host = tables if host is None else host
     reference = impl == "reference"
     kernel = None if reference or q.device.type != "cpu" else decode_attention_kernel(q.dtype)
     if kernel is not None:  # writes the new rows and reads each sequence's own tokens, nothing else
@@ -101,7 +104,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 # A schema-defined op rather than `torch.library.custom_op`: its dispatch costs a few microseconds, not tens.
 _library = torch.library.Library("llama3", "DEF")
 _library.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-                "Tensor tables, Tensor host, str impl) -> Tensor")
+                "Tensor tables, Tensor? host, str impl) -> Tensor")
 _library.impl("decode_attention", _decode_attention, "CompositeExplicitAutograd")
 
 

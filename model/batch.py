@@ -69,19 +69,31 @@ class PrefillSpan:
 class ForwardBatch:
     input_ids: torch.Tensor       # [N] int64
     positions: torch.Tensor       # [N] int64
-    write_blocks: torch.Tensor    # [N] int64, the cache block each token's K/V go to
-    write_rows: torch.Tensor      # [N] int64, and the row within it
-    logits_indices: torch.Tensor  # [M] rows whose logits the forward returns; the decode rows' come first
     num_decode: int               # leading rows that form the decode group
     decode_tables: torch.Tensor   # [num_decode, W] int64: tokens each decode row attends to (itself included),
     #                               then its block table (padded with 0)
-    decode_host: torch.Tensor     # the same on the CPU, read by the attention op without a device sync
-    max_position: int             # known on the host, so bounds are checked without a device sync
-    prefills: tuple[PrefillSpan, ...]
+    decode_host: torch.Tensor | None  # the same on the CPU, read by the attention op without a device sync
+    #                               (None: the attention op reads no host table, as the Triton kernel)
+    max_position: int | None      # known on the host, so bounds are checked without a device sync (None: the
+    #                               caller has checked them, as a prepared decode step's runner does)
+    prefills: tuple[PrefillSpan, ...] = ()
+    # Where prompt rows (rows num_decode on) write their K/V, and which rows' logits are returned; None in a
+    # decode-only batch, where every row writes through its decode table and returns its logits.
+    write_blocks: torch.Tensor | None = None    # [N] int64, the cache block each token's K/V go to
+    write_rows: torch.Tensor | None = None      # [N] int64, and the row within it
+    logits_indices: torch.Tensor | None = None  # [M] rows whose logits the forward returns; decode rows first
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[0]
+
+    @classmethod
+    def decode(cls, input_ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
+               host: torch.Tensor | None) -> ForwardBatch:
+        """A batch of decode rows only (one token per sequence), from tensors a prepared step keeps: each row
+        attends and writes through its row of `tables`; positions were checked by the caller."""
+        return cls(input_ids=input_ids, positions=positions, num_decode=input_ids.shape[0], decode_tables=tables,
+                   decode_host=host, max_position=None)
 
     @classmethod
     def build(cls, chunks: list[SequenceChunk], device: torch.device | str = "cpu",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.attention import ATTENTION_IMPLS, Attention
+from model.attention import Attention
 from model.batch import ForwardBatch
 from model.config import ModelConfig
 from model.kv_cache import KVCache
@@ -53,12 +53,6 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def set_attention_impl(self, impl: str) -> None:
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention implementation {impl!r}; choose from {ATTENTION_IMPLS}")
-        for layer in self.model.layers:
-            layer.self_attn.impl = impl
-
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -71,9 +65,9 @@ class Llama(nn.Module):
     def run(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """`forward` without entering inference mode: what a compiled step traces, under `torch.no_grad`
         (inference tensors cannot be mutated through views inside a compiled graph)."""
-        # Not while compiling: the check reads a host int that changes every step, and a compiled step's
-        # caller has checked its batch already.
-        if not torch.compiler.is_compiling() and batch.max_position >= self.max_seq_len:
+        # A prepared decode step's batch (max_position None) was checked by its caller: the check would read a host
+        # int that changes every step.
+        if batch.max_position is not None and batch.max_position >= self.max_seq_len:
             raise ValueError(f"position {batch.max_position} is beyond the model's maximum length")
         x = self.model.embed_tokens(batch.input_ids)  # [N, dim]
         cos = self.rope_cos[batch.positions]  # [N, D/2]

@@ -6,7 +6,6 @@ a checkpoint never sits in memory twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -22,7 +21,7 @@ from model.llama import Llama
 from model.quant import QUANTIZATIONS, fuse, quantize_model
 
 if TYPE_CHECKING:
-    from model.tokenizer import Tokenizer
+    from model.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -75,61 +74,24 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
     return model.eval()
 
 
-def safetensors_files(directory: Path) -> list[Path]:
-    """The weight files of a directory: a single model.safetensors or the shards its index lists."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise ValueError(f"{index.name} lists shards that are missing from {directory}: {', '.join(absent)}")
-        return files
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise ValueError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-
-
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except SafetensorError as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
-
-
-def load_directory(directory: Path, **kwargs) -> tuple[Llama, Tokenizer, ModelConfig]:
-    from model.tokenizer import Tokenizer
+def read_directory(directory: Path) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, torch.Tensor]]]:
+    from model.checkpoint.safetensors import iter_safetensors, safetensors_files
+    from model.text.tokenizer import Tokenizer
 
     if not (directory / "config.json").is_file():
         raise ValueError(f"{directory} has no config.json: not a Hugging Face model directory")
     config = ModelConfig.from_json_file(directory / "config.json", name=directory.name)
-    tokenizer = Tokenizer.from_directory(directory)
-    model = build_model(config, iter_safetensors(safetensors_files(directory)), **kwargs)
-    return model, tokenizer, config
+    return config, Tokenizer.from_directory(directory), iter_safetensors(safetensors_files(directory))
 
 
-def load_gguf(path: Path, **kwargs) -> tuple[Llama, Tokenizer, ModelConfig]:
-    from model.gguf import config_from_gguf, load_gguf_state_dict
-    from model.gguf_file import GGUFFile
-    from model.tokenizer import Tokenizer
+def read_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, torch.Tensor]]]:
+    from model.checkpoint.gguf import config_from_gguf, load_gguf_state_dict
+    from model.checkpoint.gguf_file import GGUFFile
+    from model.text.tokenizer import Tokenizer
 
     header = GGUFFile(path)  # parsed once, for the config and the vocabulary
-    config = config_from_gguf(header)
-    tokenizer = Tokenizer.from_gguf(header.metadata)
-    # Dequantise straight to the serving dtype, so the cached copy needs no conversion at the next start.
-    dtype = kwargs.get("dtype") or default_dtype(kwargs.get("device", "cpu"))
-    state = load_gguf_state_dict(path, dtype)
-    model = build_model(config, state.items(), **kwargs)
-    return model, tokenizer, config
+    # Dequantised straight to the serving dtype, so the cached copy needs no conversion at the next start.
+    return config_from_gguf(header), Tokenizer.from_gguf(header.metadata), iter(load_gguf_state_dict(path, dtype).items())
 
 
 def load(source: str | Path | None = None, *, device: torch.device | str = "cpu",
@@ -141,28 +103,27 @@ def load(source: str | Path | None = None, *, device: torch.device | str = "cpu"
     4- or 8-bit codes (CPU only): a GGUF's Q4_0, Q4_1 and Q8_0 tensors exactly as stored, other float weights
     quantised at load to that many bits (see `model.quant.quantize_model`); "auto" serves a GGUF's packed
     tensors as stored on CPU, and quantises nothing else."""
-    from model.default import default_gguf_path
-    from model.hub import looks_like_repo_id, resolve_repo
+    from model.checkpoint.hub import looks_like_repo_id, resolve_repo
+    from model.paths import default_gguf_path
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
     if quantization in ("int4", "int8") and torch.device(device).type != "cpu":
         raise ValueError(f"--quantization {quantization} runs on CPU kernels; on a GPU use --quantization none")
     start = time.perf_counter()
-    kwargs = dict(device=device, dtype=dtype, max_seq_len=max_seq_len)
     path = Path(source) if source is not None else default_gguf_path()
     if path.is_file():
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise ValueError(f"{path} is not a GGUF file; pass a .gguf file, a model directory or a Hub repo id")
-        loaded = load_gguf(path, **kwargs)
+        config, tokenizer, tensors = read_gguf(path, dtype or default_dtype(device))
     elif path.is_dir():
-        loaded = load_directory(path, **kwargs)
+        config, tokenizer, tensors = read_directory(path)
     elif looks_like_repo_id(str(source)):
-        loaded = load_directory(resolve_repo(str(source), revision=revision), **kwargs)
+        config, tokenizer, tensors = read_directory(resolve_repo(str(source), revision=revision))
     else:
         raise ValueError(f"model {str(source)!r} is neither a file, a directory nor a Hugging Face repo id")
-    model, tokenizer, config = loaded
+    model = build_model(config, tensors, device=device, dtype=dtype, max_seq_len=max_seq_len)
     if quantization == "auto":
         quantization = "packed" if torch.device(device).type == "cpu" and _has_packed_tensors(path) else "none"
     if quantization != "none":
@@ -177,8 +138,8 @@ def _names(model: nn.Module, *modules: nn.Module) -> list[str]:
 
 
 def _has_packed_tensors(path: Path) -> bool:
-    from model.gguf import PACKED_TYPES
-    from model.gguf_file import GGUFFile
+    from model.checkpoint.gguf import PACKED_TYPES
+    from model.checkpoint.gguf_file import GGUFFile
 
     return path.is_file() and any(t.qtype in PACKED_TYPES for t in GGUFFile(path).tensors.values())
 
@@ -187,7 +148,7 @@ def _quantize(model: Llama, gguf_path: Path | None, bits: int | None) -> None:
     """Packed layers: a GGUF's packed tensors as stored, then float weights quantised to `bits` (None: kept dense).
     A float checkpoint's output head is quantised to 8 bits at most: at 4 (groups of 32) it changed too many
     next-token choices (see the README)."""
-    from model.gguf import gguf_packed_weights, gguf_tensor_types
+    from model.checkpoint.gguf import gguf_packed_weights, gguf_tensor_types
 
     stored = gguf_packed_weights(gguf_path) if gguf_path is not None else {}
     done = quantize_model(model, stored, bits, only={name for name, m in model.named_modules()

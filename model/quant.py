@@ -15,11 +15,10 @@ compiler, no AVX-512 BF16), every row uses the dense weight.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from model.cpu_kernels import packed_linear_kernel
+from model.kernels.cpu import packed_linear_kernel
 
 GROUP_SIZE = 32  # llama.cpp's Q4_0/Q4_1/Q8_0 block
 TILE = 16        # output features per tile of the kernel's layout
@@ -114,11 +113,6 @@ class Int4Linear(PackedLinear):
         params = torch.stack([_tiled(scales), _tiled(offsets)], dim=2).contiguous()  # [T, G, 2, 16]
         return cls(packed, params, K, N, dense_weight, out_float)
 
-    @classmethod
-    def quantize(cls, weight: torch.Tensor, keep_dense: bool = False) -> Int4Linear:
-        """Asymmetric min/max quantisation of a float weight [N, K], 32 input features per group."""
-        return cls.from_codes(*quantize_int4(weight), weight.to(torch.bfloat16) if keep_dense else None)
-
     def dequantize(self) -> torch.Tensor:
         T, G = self.codes.shape[:2]
         low, high = (self.codes & 0x0F).reshape(T, G, 8, TILE, 2), (self.codes >> 4).reshape(T, G, 8, TILE, 2)
@@ -140,11 +134,6 @@ class Int8Linear(PackedLinear):
         # [T, 16 features, G, 16 pairs, 2] -> [T, G, 16 pairs, 16 features, 2]
         packed = codes.to(torch.int8).reshape(T, TILE, G, 16, 2).permute(0, 2, 3, 1, 4).reshape(T, G, 16, 32)
         return cls(packed.contiguous(), _tiled(scales).contiguous(), K, N, dense_weight, out_float)
-
-    @classmethod
-    def quantize(cls, weight: torch.Tensor, keep_dense: bool = False, out_float: bool = False) -> Int8Linear:
-        """Symmetric absmax quantisation of a float weight [N, K] (llama.cpp's Q8_0), 32 input features per group."""
-        return cls.from_codes(*quantize_int8(weight), weight.to(torch.bfloat16) if keep_dense else None, out_float)
 
     def dequantize(self) -> torch.Tensor:
         T, G = self.codes.shape[:2]
@@ -213,34 +202,6 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = w.abs().amax(-1) / 127                                       # [N, K / 32]
     codes = (w / scales.clamp_min(1e-30)[..., None]).round().clamp(-127, 127).to(torch.int32)
     return codes.reshape(N, K), scales
-
-
-def _f16_field(blocks: np.ndarray, at: int) -> torch.Tensor:
-    return torch.from_numpy(blocks[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32))
-
-
-def gguf_q4_codes(raw: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes, scales and offsets of a Q4_0 or Q4_1 tensor, from its raw bytes uint8 [N, bytes per row].
-
-    A block of 32 weights is f16 d (and for Q4_1 f16 m) then 16 bytes: byte j holds weight j in its low
-    nibble and weight j + 16 in its high one. Q4_0 means (q - 8) d = q d - 8d; Q4_1 means q d + m.
-    """
-    header = {"Q4_0": 2, "Q4_1": 4}[kind]
-    N = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(N, -1, header + 16)                # [N, K / 32, block bytes]
-    d = _f16_field(blocks, 0)                                                     # [N, K / 32]
-    offsets = _f16_field(blocks, 2) if kind == "Q4_1" else -8 * d
-    qs = torch.from_numpy(blocks[..., header:].copy())                            # [N, K / 32, 16]
-    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(N, -1).to(torch.int32)  # [N, K]
-    return codes, d, offsets
-
-
-def gguf_q8_codes(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and scales of a Q8_0 tensor: blocks of f16 d then 32 int8 codes, meaning q d."""
-    N = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(N, -1, 34)
-    codes = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(N, -1).to(torch.int32)
-    return codes, _f16_field(blocks, 0)
 
 
 # auto: a GGUF's 4- and 8-bit tensors as stored, on CPU; none: dense; int4 / int8: also quantise float weights

@@ -14,9 +14,9 @@ if not torch.cuda.is_available():
 import pytest
 
 from model.config import ModelConfig, RopeScaling
-from model.default import llama3_tokenizer_path
 from model.loading import LoadedModel, build_model, load
-from model.tokenizer import Tokenizer
+from model.paths import llama3_tokenizer_path
+from model.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -197,12 +197,12 @@ def test_entrypoint_is_the_server_cli_and_cmd_parses(dockerfile, monkeypatch):
     copies = {tuple(shlex.split(c.args)) for c in only(dockerfile, "COPY")}
     assert ("configs", "./configs") in copies or ("configs", f"{workdir}/configs") in copies, \
         "configs/ must be copied into the WORKDIR, where --config paths are read from"
-    from server.__main__ import resolve_settings
+    from server.cli import resolve_settings
 
     monkeypatch.chdir(ROOT)  # what WORKDIR is in the image
     for extra in (default, ["--config", "configs/llama-3.2-1b-instruct.yaml"]):
         engine, server = resolve_settings(entrypoint.exec_form[3:] + extra)
-        assert server["host"] == "0.0.0.0" and server["port"] == 8000
+        assert server.host == "0.0.0.0" and server.port == 8000
 
 
 def test_installs_what_the_makefile_installs_without_dev_extras(dockerfile):

@@ -1,4 +1,4 @@
-"""Model presets and config parsing, checked against the issue's numbers and against transformers."""
+"""Model presets and config parsing, checked against the architectures Meta publishes and against transformers."""
 
 import pytest
 import torch

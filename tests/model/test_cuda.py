@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from model.batch import ForwardBatch, SequenceChunk
-from model.kv_cache import KVCache
-from model.loading import build_model
-from model.llama import Llama
 from model.config import ModelConfig, RopeScaling
+from model.kv_cache import KVCache
+from model.llama import Llama
+from model.loading import build_model
 
 pytestmark = pytest.mark.gpu
 

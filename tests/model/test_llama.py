@@ -5,9 +5,10 @@ import torch
 
 from model.batch import ForwardBatch, SequenceChunk
 from model.config import ModelConfig, RopeScaling
+from model.kernels.triton_decode import available as triton_available
 from model.kv_cache import KVCache
 from model.loading import build_model
-from model.triton_decode import available as triton_available
+from tests.helpers import set_attention_impl
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,14 +116,14 @@ def test_sdpa_and_triton_equal_reference_attention(pair):
     impls = ("reference", "sdpa", "triton") if triton_available("cpu") else ("reference", "sdpa")
     results = {}
     for impl in impls:
-        ours.set_attention_impl(impl)
+        set_attention_impl(ours, impl)
         cache = KVCache(config, num_blocks=3, block_size=64)
         ours(ForwardBatch.build([SequenceChunk(i, 0, s[:-1]) for i, s in enumerate(seqs)]), cache)
         first = ours(ForwardBatch.build([SequenceChunk(i, 0, s[:-1], all_logits=True) for i, s in enumerate(seqs)]),
                      KVCache(config, num_blocks=3, block_size=64))
         decode = ours(ForwardBatch.build([SequenceChunk(i, len(s) - 1, s[-1:]) for i, s in enumerate(seqs)]), cache)
         results[impl] = (first, decode)
-    ours.set_attention_impl("sdpa")
+    set_attention_impl(ours, "sdpa")
     for impl in impls[1:]:
         for ref, got in zip(results["reference"], results[impl]):
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)

@@ -10,14 +10,14 @@ from torch import nn
 
 import model.quant as quant
 from model.batch import ForwardBatch, SequenceChunk
-from model.cpu_kernels import packed_linear_kernel
-from model.default import default_gguf_path
-from model.gguf import config_from_gguf, gguf_packed_weights, load_gguf_state_dict
-from model.gguf_file import GGUFFile
+from model.checkpoint.gguf import config_from_gguf, gguf_packed_weights, load_gguf_state_dict
+from model.checkpoint.gguf_blocks import gguf_q4_codes, gguf_q8_codes
+from model.checkpoint.gguf_file import GGUFFile
+from model.kernels.cpu import packed_linear_kernel
 from model.kv_cache import KVCache
 from model.loading import _quantize, build_model, load
-from model.quant import (GROUP_SIZE, Int4Linear, Int8Linear, PackedLinear, gguf_q4_codes, gguf_q8_codes,
-                         quantize_int4, quantize_int8)
+from model.paths import default_gguf_path
+from model.quant import GROUP_SIZE, Int4Linear, Int8Linear, PackedLinear, quantize_int4, quantize_int8
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -133,18 +133,18 @@ def test_quantize_int4_and_int8_errors_are_at_most_half_a_step():
     varied = scales > 1e-9
     groups = codes.reshape(*scales.shape, GROUP_SIZE)
     assert (groups.amin(-1)[varied] == 0).all() and (groups.amax(-1)[varied] == 15).all()
-    assert ((Int4Linear.quantize(weight).dequantize() - weight).abs() <= step / 2 + slack).all()
+    assert ((Int4Linear.from_codes(*quantize_int4(weight)).dequantize() - weight).abs() <= step / 2 + slack).all()
 
     codes, scales = quantize_int8(weight)
     assert int(codes.abs().max()) == 127 and not codes[5].any()
     step = scales.repeat_interleave(GROUP_SIZE, dim=1)
     assert ((grouped(codes, scales) - weight).abs() <= step / 2 + 1e-6 * weight.abs()).all()
-    assert torch.equal(Int8Linear.quantize(weight).dequantize(), grouped(codes, scales))
+    assert torch.equal(Int8Linear.from_codes(*quantize_int8(weight)).dequantize(), grouped(codes, scales))
     for quantize in (quantize_int4, quantize_int8):
         with pytest.raises(ValueError, match="divisible by 32"):
             quantize(torch.zeros(4, 48))
     with pytest.raises(ValueError, match="divisible by 16"):
-        Int8Linear.quantize(torch.zeros(24, 64))
+        Int8Linear.from_codes(*quantize_int8(torch.zeros(24, 64)))
 
 
 @needs_kernel
@@ -188,7 +188,7 @@ def test_fused_layers_give_exactly_the_separate_layers_outputs(gguf_file):
     for layer, alone in zip(layers, separate):  # the given layers now read views of the fused buffers
         assert layer.codes.data_ptr() != 0 and torch.equal(layer(x, num_packed_rows=4), alone)
     assert layers[1].codes.data_ptr() == fused.codes[layers[0].codes.shape[0]:].data_ptr()
-    assert quant.fuse([layers[0], Int8Linear.quantize(torch.randn(32, 576))]) is None
+    assert quant.fuse([layers[0], Int8Linear.from_codes(*quantize_int8(torch.randn(32, 576)))]) is None
 
 
 def test_gguf_packed_weights_are_the_unpermuted_dequantized_weights(gguf_file):

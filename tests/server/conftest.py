@@ -17,10 +17,11 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.loading import LoadedModel
-from server.api import ServerState, create_app
-from server.async_engine import AsyncEngine
-from server.config import EngineConfig
-from server.engine import LLMEngine
+from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig
+from server.engine.llm_engine import LLMEngine
+from server.openai.app import ServerState, create_app
+from server.openai.config import ServerConfig
 
 SMOLLM_NAME = "SmolLM2-135M-Instruct"
 TINY_NAME = "tiny-llama3"
@@ -38,7 +39,7 @@ class LiveServer:
 
     @property
     def model(self) -> str:
-        return self.state.served_model_name
+        return self.state.config.served_model_name
 
     def client(self, api_key: str = API_KEY, **kwargs) -> openai.OpenAI:
         """The official SDK; no retries, so a 503 or a timeout is seen as it happened."""
@@ -100,6 +101,11 @@ def run_uvicorn(app) -> Iterator[str]:
         assert not thread.is_alive(), "uvicorn did not stop"
 
 
+def server_state(name: str, engine: AsyncEngine | None = None, **config) -> ServerState:
+    """A server's state: `config` sets ServerConfig's fields, the served name is `name`."""
+    return ServerState(ServerConfig(served_model_name=name, **config), engine=engine)
+
+
 def make_engine(loaded: LoadedModel, **config) -> AsyncEngine:
     return AsyncEngine(LLMEngine(loaded, EngineConfig(enforce_eager=True, **config)))
 
@@ -107,7 +113,7 @@ def make_engine(loaded: LoadedModel, **config) -> AsyncEngine:
 @contextmanager
 def live_server(loaded: LoadedModel, name: str, api_key: str | None = None, **config) -> Iterator[LiveServer]:
     """A server over its own engine; the app's shutdown stops the engine."""
-    state = ServerState(name, api_key=api_key, engine=make_engine(loaded, **config))
+    state = server_state(name, make_engine(loaded, **config), api_key=api_key)
     with run_uvicorn(create_app(state)) as url:
         yield LiveServer(url, state)
 

@@ -11,10 +11,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.__main__ import build_parser
-from server.api import ServerState, create_app
+from server.cli import build_parser
+from server.openai.app import ServerState, create_app
+from server.openai.config import ServerConfig
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 FILES = sorted(DEPLOY.glob("*/*.yaml"))
 # Published field names of the custom resources (KEDA's ScaledObject v1alpha1 and its Prometheus scaler, the
@@ -65,7 +66,7 @@ def test_custom_resources_use_only_published_fields():
 
 
 def test_manifests_agree_with_the_server(tiny_server):
-    app = create_app(ServerState("x"))
+    app = create_app(ServerState(ServerConfig(served_model_name="x")))
     routes = {route.path for route in app.routes}
     exported = set(re.findall(r"^# TYPE (\S+)", tiny_server.http().get("/metrics").text, re.M))
     exported |= {f"{name}_total" for name in exported}

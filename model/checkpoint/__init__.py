@@ -1,0 +1,1 @@
+"""Checkpoint formats: Hugging Face directories of safetensors, Hub repos, and GGUF files."""

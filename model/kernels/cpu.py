@@ -1,0 +1,120 @@
+"""C kernels for the CPU, built on first use with the system's C compiler and loaded with ctypes.
+
+Only what torch has no fast kernel for: decode attention (`decode_attention.c`) and linear layers with
+4- and 8-bit weights (`packed_linear.c`). Each shared library is cached under the weight cache directory,
+keyed by its source and the compiler flags, so it is built once per machine. Without a compiler (or without the
+AVX-512 instructions a kernel needs) the functions below return None and callers use torch's own operators.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model.paths import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+KERNELS = Path(__file__).resolve().parent  # the C sources sit beside this module
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+_FUNCTIONS = {torch.bfloat16: "decode_attention_bf16", torch.float32: "decode_attention_f32"}
+
+
+@functools.cache
+def _library(name: str, fallback: str) -> ctypes.CDLL | None:
+    """{name}.c built and loaded; None, with a warning that says what runs instead (`fallback`)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: %s", fallback)
+        return None
+    path = KERNELS / f"{name}.c"
+    key = hashlib.sha256(path.read_bytes() + " ".join([compiler, *FLAGS, platform.node()]).encode()).hexdigest()[:16]
+    target = default_cache_dir() / "kernels" / f"{name}-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *FLAGS, "-o", tmp, str(path)], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as e:
+            Path(tmp).unlink(missing_ok=True)
+            detail = getattr(e, "stderr", b"") or b""
+            log.warning("cannot build model/kernels/%s.c (%s %s): %s", name, e, detail.decode(errors="replace")[:200],
+                        fallback)
+            return None
+    return ctypes.CDLL(str(target))
+
+
+@functools.cache
+def decode_attention_kernel(dtype: torch.dtype):
+    """`fn(q, k, v, k_cache, v_cache, host) -> out` for CPU tensors of `dtype`, or None when unavailable."""
+    if dtype not in _FUNCTIONS:
+        return None
+    library = _library("decode_attention", "decode attention runs on SDPA")
+    if library is None:
+        return None
+    fn = getattr(library, _FUNCTIONS[dtype])
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8 + [ctypes.c_float]
+
+    def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+        """q [B, Hkv, G, D]; k, v [B, Hkv, D], written at position len - 1 first; k_cache, v_cache [blocks, Hkv, S, D]
+        with contiguous rows; host [B, W] int64 on the CPU: each row's len (0: a padding row), then its block
+        table. Returns [B, Hkv, G, D]."""
+        B, Hkv, G, D = q.shape
+        if k_cache.stride() != v_cache.stride() or k_cache.stride()[2:] != (D, 1):
+            raise ValueError("decode attention needs K and V caches with the same strides and contiguous rows")
+        q, k, v, host = q.contiguous(), k.contiguous(), v.contiguous(), host.contiguous()
+        out = torch.empty_like(q)
+        fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+           host.data_ptr(), host.shape[1], B, Hkv, G, D, k_cache.shape[2], k_cache.stride(0), k_cache.stride(1),
+           D ** -0.5)
+        return out
+
+    return decode_attention
+
+
+def _has_avx512_bf16() -> bool:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx512f", "avx512bw", "avx512_bf16"} <= set(flags.split())
+
+
+@functools.cache
+def packed_linear_kernel(bits: int):
+    """`fn(x, codes, params, out_features, out_dtype) -> y` for the layouts of packed_linear.c (x bfloat16
+    [M, K] on the CPU), or None where the kernel cannot run (no compiler, no AVX-512 BF16)."""
+    if not _has_avx512_bf16():
+        return None
+    library = _library("packed_linear", "packed linear layers run on their dense weights")
+    if library is None:
+        return None
+    fn = getattr(library, f"packed_linear_w{bits}")
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+
+    def packed_linear(x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, out_features: int,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+        x = x.contiguous()
+        M, K = x.shape
+        out = torch.empty(M, out_features, dtype=out_dtype)
+        fn(x.data_ptr(), M, K, codes.data_ptr(), params.data_ptr(), out_features, out.data_ptr(),
+           int(out_dtype == torch.float32))
+        return out
+
+    return packed_linear

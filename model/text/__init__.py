@@ -1,0 +1,1 @@
+"""Text: tokenizers (tiktoken over any BPE vocabulary), chat templates and incremental detokenisation."""

@@ -1,0 +1,3 @@
+from server.bench.client import main
+
+main()

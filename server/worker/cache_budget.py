@@ -1,0 +1,62 @@
+"""How many blocks the KV cache gets, from the flags and, on CUDA, from the memory measured after loading."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from model.batch import ForwardBatch, SequenceChunk
+from model.kv_cache import KVCache
+from server.engine.config import DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_KV_CACHE_MEMORY, EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+def cuda_kv_cache_budget(config: EngineConfig, model, max_model_len: int, dtype: torch.dtype,
+                         utilization: float) -> int:
+    """Bytes for the KV cache on CUDA, as vLLM's --gpu-memory-utilization: that fraction of the device, less what
+    is in use once the weights are loaded and a warm-up pass of the largest batch has run, less that pass's peak
+    activations and the per-sequence buffers the decode step and the sampler allocate after the cache."""
+    device = torch.device(config.device)
+    tokens = min(config.max_num_batched_tokens, max_model_len)  # the largest forward pass a step runs
+    blocks = -(-tokens // config.block_size)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    cache = KVCache(model.config, blocks, config.block_size, dtype=dtype, device=device)
+    warmup = SequenceChunk(0, 0, [0] * tokens, blocks=tuple(range(blocks)))
+    model(ForwardBatch.build([warmup], device, config.block_size), cache)
+    torch.cuda.synchronize(device)
+    activations = torch.cuda.max_memory_allocated(device) - before - cache.nbytes
+    del cache
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    # Decode logits (float32) and the sampler's copy of them, output counts (int32) and prompt masks (bool).
+    per_sequence = model.config.vocab_size * (4 + 4 + 4 + 1)
+    budget = int(utilization * total) - (total - free) - activations - config.max_num_seqs * per_sequence
+    log.info("CUDA memory: %.1f of %.1f GiB in use after loading and a warm-up pass of %d tokens (peak activations "
+             "%.2f GiB); --gpu-memory-utilization %.2f leaves %.2f GiB for the KV cache", (total - free) / 2**30,
+             total / 2**30, tokens, activations / 2**30, utilization, budget / 2**30)
+    return budget
+
+
+def kv_cache_blocks(config: EngineConfig, model, max_model_len: int, dtype: torch.dtype) -> int:
+    """Blocks the KV cache gets: --kv-cache-memory bytes; on CUDA, --gpu-memory-utilization (0.9 by default, as
+    vLLM) measured by cuda_kv_cache_budget; else room for every sequence at full length, at most
+    DEFAULT_KV_CACHE_MEMORY."""
+    per_block = KVCache.bytes_per_token(model.config, dtype) * config.block_size
+    if config.kv_cache_memory is not None:
+        budget = config.kv_cache_memory
+    elif torch.device(config.device).type == "cuda":
+        utilization = config.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+        budget = cuda_kv_cache_budget(config, model, max_model_len, dtype, utilization)
+    else:
+        wanted = config.max_num_seqs * max_model_len * per_block // config.block_size
+        budget = min(wanted, DEFAULT_KV_CACHE_MEMORY)
+    blocks = budget // per_block
+    if blocks < 1:
+        raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {config.block_size} tokens "
+                         f"({per_block} bytes)")
+    return int(blocks)

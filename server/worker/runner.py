@@ -1,0 +1,101 @@
+"""Owns the model, the KV cache and the sampler; turns a scheduled batch into one forward pass and samples."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from model.batch import ForwardBatch, SequenceChunk, to_device
+from model.kv_cache import KVCache
+from model.llama import Llama
+from server.engine.output import TokenLogprob
+from server.engine.scheduler import ScheduledBatch
+from server.engine.sequence import Sequence
+from server.worker.decode import prepared_decode_step
+from server.worker.sampler import Sampler, SamplerOutput, SampleRow
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, num_slots: int, num_blocks: int, block_size: int, max_model_len: int,
+                 device: torch.device | str, compile_decode: bool = False, seed: int | None = None):
+        self.model = model
+        self.device = torch.device(device)
+        self.max_model_len = max_model_len
+        dtype = model.model.embed_tokens.weight.dtype  # the activations' dtype, whatever the linears store
+        self.cache = KVCache(model.config, num_blocks, block_size, dtype=dtype, device=self.device)
+        self.sampler = Sampler(num_slots, model.config.vocab_size, self.device, seed=seed)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens, %s, %.1f MiB", num_blocks, block_size,
+                 self.cache.num_tokens, dtype, self.cache.nbytes / 2**20)
+        self.decode_step = None
+        if compile_decode:
+            self.decode_step = prepared_decode_step(model, self.cache, num_slots, max_model_len, self.device)
+
+    def start_sequence(self, seq: Sequence) -> None:
+        seq.generator = self.sampler.start_sequence(seq.slot, seq.prompt_ids, seq.params, seq.index)
+
+    def execute(self, batch: ScheduledBatch) -> SamplerOutput | None:
+        """Run the batch; return the samples of the chunks that end their sequence (in chunk order)."""
+        chunks = [SequenceChunk(c.seq.slot, c.start, c.token_ids, all_logits=self._wants_prompt_logprobs(c),
+                                decode=c.decode, blocks=tuple(c.seq.block_table)) for c in batch.chunks]
+        if self.decode_step is None:
+            logits = self.model(ForwardBatch.build(chunks, self.device, self.cache.block_size), self.cache)
+        else:
+            # Decode rows always run the compiled step, with or without prompt chunks beside them (which run
+            # eagerly): a generated token's arithmetic never depends on what else is in the batch.
+            num_decode = sum(c.decode for c in chunks)  # decode chunks lead
+            parts = []
+            if num_decode:
+                self._check_positions(batch)
+                decode = chunks[:num_decode]
+                parts.append(self.decode_step.run([c.token_ids[0] for c in decode], [c.start for c in decode],
+                                                  [c.blocks for c in decode]))  # [B, vocab]
+            if num_decode < len(chunks):
+                prompt = ForwardBatch.build(chunks[num_decode:], self.device, self.cache.block_size)
+                parts.append(self.model(prompt, self.cache))  # [M - B, vocab]
+            logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        sample_rows, rows, offset = [], [], 0
+        for scheduled, chunk in zip(batch.chunks, chunks):
+            n = len(chunk.token_ids) if chunk.all_logits else 1
+            if chunk.all_logits:
+                self._record_prompt_logprobs(scheduled.seq, chunk, logits[offset:offset + n])
+            if scheduled.samples:
+                seq = scheduled.seq
+                sample_rows.append(offset + n - 1)
+                rows.append(SampleRow(seq.slot, seq.params, seq.generator, len(seq.output_ids), seq.eos_token_ids,
+                                      seq.matcher))
+            offset += n
+        if not rows:
+            return None
+        if sample_rows != list(range(logits.shape[0])):  # else every row samples, in order: no copy
+            logits = logits.index_select(0, to_device(sample_rows, self.device))
+        with torch.inference_mode():  # the forward's logits are inference tensors, which the sampler updates
+            return self.sampler.sample(logits, rows)
+
+    def _check_positions(self, batch: ScheduledBatch) -> None:
+        """What the eager forward checks, for the compiled step (which cannot)."""
+        limit = min(self.model.max_seq_len, self.max_model_len)
+        if any(c.start >= limit for c in batch.chunks):
+            raise ValueError(f"a position is beyond the model's or the cache's maximum length ({limit})")
+
+    @staticmethod
+    def _wants_prompt_logprobs(chunk) -> bool:
+        return chunk.seq.params.prompt_logprobs is not None and chunk.start < chunk.seq.num_prompt
+
+    @staticmethod
+    def _record_prompt_logprobs(seq: Sequence, chunk: SequenceChunk, logits: torch.Tensor) -> None:
+        """Row i predicts the token after position start + i; keep those that are prompt tokens."""
+        k = seq.params.prompt_logprobs
+        targets = seq.prompt_ids[chunk.start + 1: chunk.end + 1]  # may be one short at the prompt's end
+        logprobs = torch.log_softmax(logits[: len(targets)], dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0]
+        top = logprobs.topk(k, dim=-1) if k else None
+        chosen = chosen.tolist()
+        top_ids, top_vals = (top.indices.tolist(), top.values.tolist()) if top else ([[]] * len(targets),) * 2
+        if chunk.start == 0:
+            seq.prompt_logprobs = [None]
+        for token, lp, ids, vals in zip(targets, chosen, top_ids, top_vals):
+            seq.prompt_logprobs.append(TokenLogprob(token, lp, list(zip(ids, vals))))

@@ -1,0 +1,81 @@
+"""The fast CPU configuration: int4 weights, bfloat16 and the compiled decode step, through the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.batch import ForwardBatch, SequenceChunk
+from model.kv_cache import KVCache
+from model.loading import load
+from server.engine.config import EngineConfig
+from server.engine.llm_engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
+from tests.server.engine.helpers import GREEDY, assert_all_slots_free, collect, prompts, run
+
+
+@pytest.fixture(scope="module")
+def smollm_int4():
+    return load(None, dtype=torch.bfloat16, quantization="auto")
+
+
+def test_auto_quantization_serves_the_gguf_4bit_tensors_as_int4(smollm_int4):
+    assert smollm_int4.quantization == "packed"
+    layer = smollm_int4.model.model.layers[0]
+    assert type(layer.self_attn.q_proj).__name__ == "Int4Linear"
+    assert type(layer.mlp.down_proj).__name__ == "Int4Linear"
+    assert type(smollm_int4.model.lm_head).__name__ == "Int8Linear"  # the tied Q8_0 embedding, as stored
+
+
+@pytest.mark.slow
+def test_default_configuration_is_batch_invariant_and_compiled(smollm_int4):
+    """16 greedy requests arriving one a step (so decodes share steps with prompt chunks) give exactly what each
+    gives alone, in the configuration `python -m server` runs by default (int4, bfloat16, compiled decode step)."""
+    ids = prompts(smollm_int4.tokenizer, 16)
+    engine = LLMEngine(smollm_int4, EngineConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256))
+    assert engine.runner.decode_step is not None, "the decode step should compile on this machine"
+    together: dict = {}
+    pending = list(enumerate(ids))
+    while pending or engine.has_work():
+        if pending:
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, GREEDY)
+        collect(engine.step(), together)
+    assert_all_slots_free(engine)
+    for i, p in enumerate(ids):  # one request at a time, in the same engine (compiled once per cache geometry)
+        alone = run(engine, {f"x{i}": (p, GREEDY)})[(f"x{i}", 0)]
+        assert together[(str(i), 0)].token_ids == alone.token_ids, f"prompt {i} differs in a batch"
+        assert len(alone.token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_agrees_with_eager_and_answers(smollm_int4):
+    """Teacher-forced over a real text, the compiled step picks the eager step's next token almost everywhere
+    (bfloat16 fusions round differently, so not bit for bit), and greedy chat still answers correctly."""
+    tok = smollm_int4.tokenizer
+    ids = tok.encode("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+                     "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+                     "from 1887 to 1889. Locally nicknamed La dame de fer, it was constructed as the centrepiece "
+                     "of the 1889 World's Fair.")
+    engine = LLMEngine(smollm_int4, EngineConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256))
+    runner, step = engine.runner, engine.runner.decode_step
+    assert step is not None
+    eager_cache = KVCache(smollm_int4.config, 1, 256, dtype=torch.bfloat16)
+    model = smollm_int4.model
+    model(ForwardBatch.build([SequenceChunk(0, 0, ids[:1])]), eager_cache)
+    table = tuple(range(40, 56))  # 16 blocks of the runner's pool, 256 tokens
+    size = runner.cache.block_size
+    model(ForwardBatch.build([SequenceChunk(0, 0, ids[:1], blocks=table)], block_size=size), runner.cache)
+    agree = 0
+    for position in range(1, len(ids)):
+        eager = model(ForwardBatch.build([SequenceChunk(0, position, [ids[position]], decode=True)]), eager_cache)
+        compiled = step.run([ids[position]], [position], [table])
+        agree += int(eager.argmax(-1) == compiled.argmax(-1))
+        torch.testing.assert_close(compiled, eager, atol=1.0, rtol=0.1)
+    assert agree >= 0.95 * (len(ids) - 1)
+
+    from model.text.chat_template import render_chat
+    text = render_chat(tok.chat_template, [{"role": "user", "content": "What is the capital of France?"}],
+                       bos_token=tok.bos_token, eos_token=tok.eos_token, add_generation_prompt=True)
+    answer = run(engine, {"r": (tok.encode_prompt(text), SamplingParams(temperature=0.0, max_tokens=32))})
+    assert "Paris" in answer[("r", 0)].text
