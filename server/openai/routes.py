@@ -36,13 +36,17 @@ def add_routes(app: FastAPI, state) -> None:
         except ParamError as e:
             raise to_api_error(e) from None
 
-    async def run(call):
+    async def generate(serving, body, raw: Request):
+        state.ready()
+        check_limits(body)
         try:
-            return await call
+            return await serving.create(body, raw)
         except (APIError, ClientDisconnected):
             raise
         except Exception as e:  # engine refusals and parameter errors become OpenAI errors
             raise to_api_error(e) from None
+
+    generating = STREAMABLE | error_responses(400, 401, 404, 408, 413, 500, 503)
 
     @app.get("/health", response_model=HealthResponse, responses=error_responses(503))
     async def health():
@@ -76,19 +80,13 @@ def add_routes(app: FastAPI, state) -> None:
             raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
         return card().model_dump()
 
-    @app.post("/v1/completions", dependencies=authorized,
-                 responses=STREAMABLE | error_responses(400, 401, 404, 408, 413, 500, 503))
+    @app.post("/v1/completions", dependencies=authorized, responses=generating)
     async def completions(body: CompletionRequest, raw: Request):
-        state.ready()
-        check_limits(body)
-        return await run(state.completions.create(body, raw))
+        return await generate(state.completions, body, raw)
 
-    @app.post("/v1/chat/completions", dependencies=authorized,
-                 responses=STREAMABLE | error_responses(400, 401, 404, 408, 413, 500, 503))
+    @app.post("/v1/chat/completions", dependencies=authorized, responses=generating)
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
-        state.ready()
-        check_limits(body)
-        return await run(state.chat.create(body, raw))
+        return await generate(state.chat, body, raw)
 
     @app.post("/tokenize", dependencies=authorized, responses=error_responses(400, 401, 404, 413, 503))
     async def tokenize(body: TokenizeRequest):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated
+from typing import Annotated, Generic, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
 
@@ -55,6 +55,24 @@ class Usage(BaseModel):
     def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                    total_tokens=prompt_tokens + completion_tokens)
+
+
+class Choice(BaseModel):
+    index: int
+
+
+ChoiceT = TypeVar("ChoiceT", bound=Choice)
+
+
+class Response(BaseModel, Generic[ChoiceT]):
+    """A response or a stream's chunk: each endpoint names its `object` and its kind of choice."""
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[ChoiceT]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class WithoutNone(BaseModel):

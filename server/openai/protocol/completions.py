@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from server.openai.protocol.common import MAX_LOGPROBS, Int, NonEmptyText, TokenId, Usage
+from server.openai.protocol.common import MAX_LOGPROBS, Choice, Int, NonEmptyText, Response, TokenId
 from server.openai.protocol.sampling import SamplingFields
 
 NonEmptyIds = Annotated[list[TokenId], Field(min_length=1)]
@@ -33,19 +33,12 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(Choice):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(Response[CompletionChoice]):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None

@@ -21,7 +21,7 @@ from server.engine.output import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 from server.openai.errors import APIError, ClientDisconnected, to_api_error
 from server.openai.metrics import Metrics
-from server.openai.protocol.common import Usage, new_id, now
+from server.openai.protocol.common import Response, Usage, new_id, now
 from server.openai.sampling import request_timeout
 from server.openai.tool_calls import ToolCallFormat
 
@@ -86,13 +86,26 @@ def sse(payload) -> str:
 
 
 class ChunkWriter:
-    """One streamed request's chunks, endpoint by endpoint: what an output's deltas become, and the usage chunk."""
+    """One streamed request's chunks: what an output's deltas become (each endpoint's `chunks`), and the usage
+    chunk. A chunk is a `chunk_type` (the endpoint's response or chunk model) with some of the choices."""
+
+    chunk_type: type[Response]
+
+    def __init__(self, serving: Serving, body, prepared: Prepared, request_id: str, created: int):
+        self.serving, self.body, self.prepared = serving, body, prepared
+        self.request_id, self.created = request_id, created
+        self.with_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(self, choices: list, usage: Usage | None = None) -> dict:
+        chunk = self.chunk_type(id=self.request_id, created=self.created, model=self.serving.model_name,
+                                choices=choices, usage=usage)
+        return chunk.model_dump(exclude=set() if self.with_usage else {"usage"})
 
     def chunks(self, prompt_index: int, out: RequestOutput) -> list[dict]:
         raise NotImplementedError
 
     def usage_chunk(self, usage: Usage) -> dict:
-        raise NotImplementedError
+        return self.chunk([], usage)
 
 
 class Serving:

@@ -11,7 +11,7 @@ from server.openai.protocol.chat import (AssistantMessage, ChatChoice, ChatChunk
                                          ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
                                          ChatTokenLogprob, DeltaFunctionCall, DeltaMessage, DeltaToolCall,
                                          FunctionCall, ToolCall, TopLogprob)
-from server.openai.protocol.common import MAX_LOGPROBS, Usage
+from server.openai.protocol.common import MAX_LOGPROBS
 from server.openai.sampling import sampling_params
 from server.openai.serving.base import ChunkWriter, Finished, Prepared, Serving
 from server.openai.tool_calls import ToolCallScanner, parse_tool_calls
@@ -87,32 +87,27 @@ class ChatChunks(ChunkWriter):
     """A stream's chunks: each choice's first carries the role; tool calls arrive as a call's first delta (index,
     id, type, name) and then its argument fragments, which concatenate to the final `arguments` byte for byte."""
 
-    def __init__(self, serving: ChatServing, body: ChatCompletionRequest, prepared: Prepared, request_id: str,
-                 created: int):
-        self.serving, self.body, self.call_format = serving, body, prepared.call_format
-        self.request_id, self.created = request_id, created
+    chunk_type = ChatCompletionChunk
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.call_format = self.prepared.call_format
         self.started: set[int] = set()
         self.scanners: dict[int, ToolCallScanner] = {}
-        self.with_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict:
-        chunk = ChatCompletionChunk(id=self.request_id, created=self.created, model=self.serving.model_name,
-                                    choices=choices, usage=usage)
-        return chunk.model_dump(exclude=set() if self.with_usage else {"usage"})
 
     def chunks(self, prompt_index: int, out: RequestOutput) -> list[dict]:
         chunks = []
         for d in out.deltas:
             if d.index not in self.started:
                 self.started.add(d.index)
-                chunks.append(self._chunk([ChatChunkChoice(index=d.index,
+                chunks.append(self.chunk([ChatChunkChoice(index=d.index,
                                                            delta=DeltaMessage(role="assistant", content=""))]))
             logprobs = self.serving.logprobs(d.logprobs or []) if self.body.logprobs else None
             if self.call_format is None:
                 if not d.text and not d.finish_reason and logprobs is None:
                     continue
                 delta = DeltaMessage(content=d.text) if d.text else DeltaMessage()
-                chunks.append(self._chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
+                chunks.append(self.chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
                                                            finish_reason=d.finish_reason,
                                                            stop_reason=d.stop_reason)]))
                 continue
@@ -122,15 +117,12 @@ class ChatChunks(ChunkWriter):
             if scanner.calls and finish_reason == "stop":
                 finish_reason = "tool_calls"
             for delta in deltas[:-1]:
-                chunks.append(self._chunk([ChatChunkChoice(index=d.index, delta=delta)]))
+                chunks.append(self.chunk([ChatChunkChoice(index=d.index, delta=delta)]))
             last = deltas[-1] if deltas else DeltaMessage()
             if deltas or finish_reason or logprobs is not None:
-                chunks.append(self._chunk([ChatChunkChoice(index=d.index, delta=last, logprobs=logprobs,
+                chunks.append(self.chunk([ChatChunkChoice(index=d.index, delta=last, logprobs=logprobs,
                                                            finish_reason=finish_reason, stop_reason=d.stop_reason)]))
         return chunks
-
-    def usage_chunk(self, usage: Usage) -> dict:
-        return self._chunk([], usage)
 
 
 def call_deltas(events) -> list[DeltaMessage]:

@@ -6,7 +6,6 @@ from server.engine.exceptions import ParamError
 from server.engine.output import RequestOutput, TokenLogprob
 from server.openai.constraints import format_spec
 from server.openai.errors import APIError
-from server.openai.protocol.common import Usage
 from server.openai.protocol.completions import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                                 CompletionResponse)
 from server.openai.sampling import sampling_params
@@ -83,18 +82,12 @@ class CompletionServing(Serving):
 class CompletionChunks(ChunkWriter):
     """A stream's chunks: a response of one choice each; echo and prompt logprobs on a choice's first chunk."""
 
-    def __init__(self, serving: CompletionServing, body: CompletionRequest, prepared: Prepared, request_id: str,
-                 created: int):
-        self.serving, self.body, self.prepared = serving, body, prepared
-        self.request_id, self.created = request_id, created
+    chunk_type = CompletionResponse
+
+    def __init__(self, *args):
+        super().__init__(*args)
         self.started: set[int] = set()
         self.prompt_logprobs: dict[int, list] = {}  # per prompt; forked samples share their first sample's
-        self.with_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> dict:
-        chunk = CompletionResponse(id=self.request_id, created=self.created, model=self.serving.model_name,
-                                   choices=choices, usage=usage)
-        return chunk.model_dump(exclude=set() if self.with_usage else {"usage"})
 
     def chunks(self, prompt_index: int, out: RequestOutput) -> list[dict]:
         body, prompt = self.body, self.prepared.prompts[prompt_index]
@@ -115,9 +108,6 @@ class CompletionChunks(ChunkWriter):
                 self.serving.add_logprobs(logprobs, d.logprobs or [], None)
             if not text and not d.finish_reason and logprobs is None:
                 continue
-            chunks.append(self._chunk([CompletionChoice(index=index, text=text, logprobs=logprobs,
+            chunks.append(self.chunk([CompletionChoice(index=index, text=text, logprobs=logprobs,
                                                         finish_reason=d.finish_reason, stop_reason=d.stop_reason)]))
         return chunks
-
-    def usage_chunk(self, usage: Usage) -> dict:
-        return self._chunk([], usage)

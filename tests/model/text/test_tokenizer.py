@@ -89,13 +89,10 @@ def llama3_reference(llama3_json_path):
 
 
 @pytest.fixture(scope="module")
-def llama3_model():
-    return Tokenizer.from_tiktoken_file(llama3_tokenizer_path())
-
-
-@pytest.fixture(scope="module")
-def llama3_json(llama3_json_path):
-    return Tokenizer.from_hf_json(llama3_json_path)
+def llama3_files(llama3_json_path) -> dict[str, Tokenizer]:
+    """One tokenizer from each of Meta's two files: tokenizer.model (tiktoken ranks) and tokenizer.json."""
+    return {"tokenizer.model": Tokenizer.from_tiktoken_file(llama3_tokenizer_path()),
+            "tokenizer.json": Tokenizer.from_hf_json(llama3_json_path)}
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +123,8 @@ def smollm2_reference(smollm2_reader):
 
 
 @pytest.fixture(scope="module", params=["tokenizer.model", "tokenizer.json"])
-def llama3(request, llama3_model, llama3_json):
-    return llama3_model if request.param == "tokenizer.model" else llama3_json
+def llama3(request, llama3_files):
+    return llama3_files[request.param]
 
 
 def test_llama3_matches_reference_on_corpus(llama3, llama3_reference):
@@ -150,7 +147,8 @@ def test_smollm2_keeps_whitespace_before_a_digit_whole(smollm2):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=texts)
-def test_llama3_matches_reference_on_random_text(llama3_model, llama3_json, llama3_reference, text):
+def test_llama3_matches_reference_on_random_text(llama3_files, llama3_reference, text):
+    llama3_model, llama3_json = llama3_files["tokenizer.model"], llama3_files["tokenizer.json"]
     for allow_special in (False, True):
         expected = llama3_reference.encode(text, allow_special=allow_special)
         assert llama3_model.encode(text, allow_special=allow_special) == expected
@@ -177,8 +175,8 @@ def test_unspellable_bytes_are_dropped_like_llama_cpp(smollm2):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ids=st.lists(st.integers(0, 128255), max_size=40), skip=st.booleans())
-def test_llama3_decode_matches_reference(llama3_json, llama3_reference, ids, skip):
-    assert llama3_json.decode(ids, skip_special_tokens=skip) == llama3_reference.decode(ids, skip_special_tokens=skip)
+def test_llama3_decode_matches_reference(llama3_files, llama3_reference, ids, skip):
+    assert llama3_files["tokenizer.json"].decode(ids, skip_special_tokens=skip) == llama3_reference.decode(ids, skip_special_tokens=skip)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -198,7 +196,8 @@ def test_special_tokens(llama3, llama3_reference):
     assert llama3.vocab_size == 128256 and len(llama3.special_token_ids) == 256
 
 
-def test_llama3_metadata(llama3_model, llama3_json):
+def test_llama3_metadata(llama3_files):
+    llama3_model, llama3_json = llama3_files["tokenizer.model"], llama3_files["tokenizer.json"]
     assert llama3_model.token_to_id("<|eom_id|>") == 128008  # Meta's 3.1 names for tokenizer.model
     assert llama3_model.eos_token_ids == {128001, 128008, 128009}
     assert llama3_json.eos_token_ids == {128001, 128009}  # this tokenizer.json names 128008 as reserved

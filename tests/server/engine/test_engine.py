@@ -168,6 +168,22 @@ def test_seeded_sampling_is_reproducible_in_any_batch(smollm):
     assert run(make_engine(smollm), {"s": (ids[0], other_seed)})[("s", 0)].token_ids != alone
 
 
+def test_the_server_seed_makes_unseeded_requests_reproducible(tiny_llama3):
+    """Requests that give no seed draw from the sampler's generator, seeded by --seed: the same requests, one after
+    another, sample the same tokens on two engines of one seed, and other tokens on an engine of another."""
+    unseeded = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    requests = [[17, 2000 + i, 3000 + 2 * i] for i in range(3)]
+
+    def outputs(seed: int) -> list[list[int]]:
+        engine = make_engine(tiny_llama3, seed=seed)
+        return [run(engine, {f"r{i}": (ids, unseeded)})[(f"r{i}", 0)].token_ids for i, ids in enumerate(requests)]
+
+    first = outputs(7)
+    assert outputs(7) == first
+    assert outputs(8) != first
+    assert len({tuple(ids) for ids in first}) == len(first)  # the generator moves on from request to request
+
+
 def test_n_samples_share_the_prompt_and_differ(smollm):
     ids = prompts(smollm.tokenizer, 1)[0]
     params = SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=7, ignore_eos=True)

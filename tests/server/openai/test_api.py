@@ -559,3 +559,58 @@ def test_token_ids_are_bounded_by_the_vocabulary_in_the_schema(tiny_server, tiny
     assert item["minimum"] == 0 and item["maximum"] == tiny_llama3.config.vocab_size - 1
     assert too_big.status_code == 400
     assert as_float.status_code == 200  # 1.0 is an integer, as JSON Schema counts
+
+
+def request_validator(spec: dict, model: str):
+    """A validator of request bodies against the served document's schema for `model` (jsonschema's, not ours)."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator({"$ref": f"#/components/schemas/{model}", **spec})
+
+
+def test_rules_the_server_enforces_are_in_the_document(tiny_server):
+    """A request the document calls invalid is refused with a 400 naming the field, and one it calls valid is
+    served: tool_choice that needs tools, and empty grammar or regex strings."""
+    user = [{"role": "user", "content": "Hi"}]
+    with tiny_server.http() as http:
+        spec = http.get("/openapi.json").json()
+        chat, completion = request_validator(spec, "ChatCompletionRequest"), request_validator(spec, "CompletionRequest")
+        cases = [(chat, "/v1/chat/completions", {"messages": user, "tool_choice": "required"}, "tool_choice"),
+                 (chat, "/v1/chat/completions", {"messages": user, "tool_choice": {"type": "function", "function": {
+                     "name": "f"}}, "tools": []}, "tool_choice"),
+                 (completion, "/v1/completions", {"prompt": "Hi", "guided_grammar": ""}, "guided_grammar"),
+                 (completion, "/v1/completions", {"prompt": "Hi", "guided_regex": ""}, "guided_regex"),
+                 (completion, "/v1/completions", {"prompt": "Hi", "structured_outputs": {"grammar": ""}},
+                  "structured_outputs.grammar")]
+        for validator, path, body, param in cases:
+            assert not validator.is_valid(body), body
+            assert_openai_error(http.post(path, json={"model": tiny_server.model, "max_tokens": 1, **body}), 400,
+                                param=param)
+        for validator, path, body in ((chat, "/v1/chat/completions", {"messages": user, "tool_choice": "none"}),
+                                      (chat, "/v1/chat/completions", {"messages": user, "tool_choice": "auto"}),
+                                      (completion, "/v1/completions", {"prompt": "Hi", "guided_regex": "a"})):
+            assert validator.is_valid(body), body
+            r = http.post(path, json={"model": tiny_server.model, "max_tokens": 1, **body})
+            assert r.status_code == 200, (body, r.text)
+
+
+TOOL_HISTORY = [{"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"}]
+
+
+@pytest.mark.parametrize("server", ["smol_server", "tiny_server"])
+def test_tokenize_prepares_messages_as_chat_completions_does(server, request):
+    """A conversation with an earlier tool call (content null) and its result, on templates that know nothing of
+    tools: /tokenize counts exactly the prompt chat completions runs, and the call is in it as JSON text."""
+    live = request.getfixturevalue(server)
+    with live.http() as http:
+        tokenized = http.post("/tokenize", json={"model": live.model, "messages": TOOL_HISTORY})
+        chat = http.post("/v1/chat/completions", json={"model": live.model, "messages": TOOL_HISTORY,
+                                                       "max_tokens": 1})
+    assert tokenized.status_code == 200, tokenized.text
+    assert chat.status_code == 200, chat.text
+    assert tokenized.json()["count"] == chat.json()["usage"]["prompt_tokens"]
+    text = live.engine.tokenizer.decode(tokenized.json()["tokens"])
+    assert '{"name": "get_weather", "parameters": {"city": "Paris"}}' in text and "21 degrees" in text
