@@ -42,7 +42,7 @@ def run_level(engine: LLMEngine, concurrency: int, prompt_len: int, output_len: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"])
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
