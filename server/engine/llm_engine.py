@@ -240,6 +240,7 @@ class LLMEngine:
             finish_time=max((s.finish_time for s in seqs if s.finish_time), default=None),
             num_prompt_tokens=len(request.prompt_ids),
             num_generated_tokens=sum(len(s.output_ids) for s in seqs),
+            num_cached_tokens=seqs[0].num_cached_tokens or 0,
         )
         return RequestOutput(request.request_id, request.prompt_ids, deltas, finished=True, metrics=metrics)
 

@@ -36,6 +36,7 @@ class RequestMetrics:
     finish_time: float | None
     num_prompt_tokens: int
     num_generated_tokens: int
+    num_cached_tokens: int = 0   # prompt tokens whose K/V came from the prefix cache
 
     @property
     def time_to_first_token(self) -> float | None:

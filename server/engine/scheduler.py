@@ -128,6 +128,8 @@ class Scheduler:
             seq.block_uids.append(entry.uid)
         seq.num_computed = computed
         self.prefix_hit_tokens += computed
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = computed
         self._grow(seq, computed + tokens, batch)
         if seq.slot is None:
             seq.slot = heapq.heappop(self.free_slots)

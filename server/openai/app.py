@@ -24,6 +24,8 @@ from server.openai.routes import add_routes
 from server.openai.serving.base import GrammarCompilers
 from server.openai.serving.chat import ChatServing
 from server.openai.serving.completions import CompletionServing
+from server.openai.serving.responses import ResponsesServing
+from server.openai.response_store import ResponseStore
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class ServerState:
     metrics: Metrics = field(init=False)
     completions: CompletionServing | None = field(init=False, default=None)
     chat: ChatServing | None = field(init=False, default=None)
+    responses: ResponsesServing | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.metrics = Metrics(self.config.served_model_name, lambda: self.engine.stats() if self.engine else None)
@@ -49,6 +52,8 @@ class ServerState:
         name, log_requests = self.config.served_model_name, self.config.log_requests
         self.completions = CompletionServing(engine, name, self.metrics, grammars, log_requests)
         self.chat = ChatServing(engine, name, self.metrics, grammars, log_requests)
+        store = ResponseStore(self.config.response_store_entries, self.config.response_store_memory)
+        self.responses = ResponsesServing(engine, name, self.metrics, grammars, log_requests, store=store)
         self.engine = engine
 
     def ready(self) -> AsyncEngine:

@@ -14,7 +14,7 @@ from typing import Any
 from model.text.chat_template import LLAMA3_CHAT_TEMPLATE, ChatTemplate
 from model.text.tokenizer import Tokenizer
 from server.openai.errors import APIError
-from server.openai.protocol.messages import AssistantTurn, ChatMessage, ToolCall, ToolMessage
+from server.openai.protocol.messages import AssistantTurn, ChatMessage, ToolMessage
 from server.openai.tool_calls import describe_tools
 
 
@@ -30,23 +30,23 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if isinstance(m, ToolMessage):
             message["tool_call_id"] = m.tool_call_id
         if isinstance(m, AssistantTurn) and m.tool_calls is not None:
-            message["tool_calls"] = [_template_tool_call(call) for call in m.tool_calls]
+            message["tool_calls"] = [template_tool_call(call.id, call.function.name, call.function.arguments)
+                                     for call in m.tool_calls]
             if not m.content:
                 message["content"] = None
         out.append(message)
     return out
 
 
-def _template_tool_call(call: ToolCall) -> dict[str, Any]:
-    """Arguments parsed from their JSON text to an object, as templates expect. Text that is not a JSON
-    object (a model may have produced it) is passed on as it is: the history is the client's to give."""
-    arguments = call.function.arguments
+def template_tool_call(call_id: str | None, name: str, arguments: str | dict) -> dict[str, Any]:
+    """An earlier call as templates take it: its arguments parsed from their JSON text to an object. Text that is
+    not a JSON object (a model may have produced it) is passed on as it is: the history is the client's to give."""
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError:
             pass
-    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def without_tool_syntax(turns: list[dict], tools: list[dict] | None) -> list[dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.engine.config import option
+from server.engine.config import option, parse_bytes
 from server.openai.limits import Limits
 
 API_KEY_ENV = "LLAMA3_SERVER_API_KEY"
@@ -35,6 +35,9 @@ class ServerConfig:
                                 "timings)")
     log_level: str = option("info", "how much the server logs", choices=LOG_LEVELS)
     shutdown_grace_seconds: float = option(30.0, "on SIGTERM, how long running requests may take to finish")
+    response_store_entries: int = option(1024, "responses the Responses API keeps for previous_response_id and "
+                                         "retrieval, least recently used dropped first (0: keep none)")
+    response_store_memory: int | str = option("256MiB", "memory those stored responses may take, as JSON")
     api_keys: tuple[str, ...] = field(init=False, default=())  # every accepted key: --api-key and the key file's
 
     def __post_init__(self):
@@ -45,6 +48,9 @@ class ServerConfig:
             self.limits = Limits.parse(self.limits)
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        self.response_store_memory = parse_bytes(self.response_store_memory)
+        if self.response_store_entries < 0 or self.response_store_memory < 0:
+            raise ValueError("the response store's bounds must not be negative")
         if not self.shutdown_grace_seconds >= 0:
             raise ValueError(f"shutdown_grace_seconds must not be negative, got {self.shutdown_grace_seconds}")
         self.api_keys = tuple(dict.fromkeys(([self.api_key] if self.api_key else []) + read_key_file(self.api_key_file)))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
@@ -69,15 +69,43 @@ def to_api_error(error: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error", code="internal_error")
 
 
+# What pydantic writes into a location for a tagged union's member: the tag after a list index.
+UNION_TAGS = frozenset(MESSAGE_ROLES) | {"message", "function_call", "function_call_output"}
+
+
+def _member_name(part) -> bool:
+    """A union member's type in a location ("str", "list[int]", "constrained-str"), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part
+                                      or part.startswith("constrained-"))
+
+
+def _location(error: dict) -> list[str]:
+    raw = [p for p in error.get("loc", ()) if p != "body"]
+    loc = [str(p) for n, p in enumerate(raw)
+           if not _member_name(p) and not (p in UNION_TAGS and n and isinstance(raw[n - 1], int))]
+    if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):  # a missing or unknown tag's fault
+        tag = str((error.get("ctx") or {}).get("discriminator", ""))
+        loc.append(tag.strip("'") if tag.startswith("'") else "type")
+    return loc
+
+
 def validation_error_param(errors: list[dict]) -> str | None:
     """The field a validation failure is about, as OpenAI names it. A value that fits no member of a union fails
-    once per member, each location ending in the member's type ("prompt.str", "prompt.list[int].1"): the field
-    is what those locations have in common. A message's role tag ("messages.0.tool.tool_call_id") is left out
-    of the field's name; a missing or unknown role is the role's fault."""
-    locs = [[str(p) for n, p in enumerate(e.get("loc", ()))
-             if p != "body" and not (p in MESSAGE_ROLES and n and isinstance(e["loc"][n - 1], int))]
-            + (["role"] if e.get("type") in ("union_tag_invalid", "union_tag_not_found") else [])
-            for e in errors] or [[]]
+    once per member, each location ending in the member's type ("prompt.str", "prompt.list[int].1"): the field is
+    what those locations have in common, unless the value took a tagged member's form and failed inside it
+    ("input.0.content"). A tagged member's tag ("messages.0.tool.tool_call_id") is left out of the field's name;
+    a missing or unknown tag, or a `type` this server does not serve, is that field's fault."""
+    def in_tagged_member(e: dict) -> bool:
+        return any("tagged-union[" in str(p) for p in e.get("loc", ()))
+
+    def plain(e: dict) -> bool:  # not inside any union member
+        return not any(_member_name(p) for p in e.get("loc", ()))
+
+    inside = [e for e in errors if in_tagged_member(e) and not str(e.get("type", "")).endswith("_type")]
+    # An object of a kind this server does not serve ({"type": "web_search"}) is the fault of its type alone.
+    wrong_kind = [e for e in errors if plain(e) and e.get("type") == "literal_error"
+                  and e.get("loc", ())[-1:] == ("type",)]
+    locs = [_location(e) for e in (wrong_kind or inside or errors)] or [[]]
     loc = locs[0]
     for other in locs[1:]:
         if other[:1] == loc[:1]:
@@ -103,10 +131,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         response = APIError(exc.status_code, str(exc.detail), type=kind).response()
-        response.headers.update(exc.headers or {})  # a 405 keeps its Allow header
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not only the first route's
+            methods = {m for route in app.routes if getattr(route, "path_regex", None) is not None
+                       and route.path_regex.match(request.url.path) for m in getattr(route, "methods", ()) or ()}
+            response.headers["allow"] = ", ".join(sorted(methods - {"HEAD"}))
         return response
 
     @app.exception_handler(ClientDisconnected)

@@ -11,7 +11,7 @@ from server.engine.exceptions import ParamError
 class Limits:
     body_bytes: int = 8 * 2**20   # request body size (a 413 beyond it)
     n: int = 128                  # samples per prompt
-    max_tokens: int = 1 << 30     # tokens a request may ask for (the context bounds it too)
+    max_tokens: int = 1 << 30     # tokens a request may ask for; lowered, also what one asking none gets
     stop: int = 16                # stop strings
     stop_length: int = 256        # characters in one stop string
     logit_bias: int = 300         # logit_bias entries
@@ -46,23 +46,34 @@ class Limits:
             if value > limit:
                 raise ParamError(f"{what} is limited to {limit} on this server, got {value}", param)
 
-        over(body.n, self.n, "n", "n")
-        for param in ("max_tokens", "max_completion_tokens"):
+        over(getattr(body, "n", 1), self.n, "n", "n")
+        asked = False
+        for param in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             value = getattr(body, param, None)
             if value is None:
                 continue
+            asked = asked or param in body.model_fields_set
             if param not in body.model_fields_set:  # a default (completions' 16) is lowered, not refused
                 setattr(body, param, min(value, self.max_tokens))
             else:
                 over(value, self.max_tokens, param, param)
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if not asked and self.max_tokens < Limits.max_tokens:  # a lowered limit bounds requests that ask nothing
+            for param in ("max_tokens", "max_output_tokens"):
+                if param in type(body).model_fields and getattr(body, param) is None:
+                    setattr(body, param, self.max_tokens)
+        stop = getattr(body, "stop", None)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
         over(len(stops), self.stop, "stop", "the number of stop strings")
         for stop in stops:
             over(len(stop), self.stop_length, "stop", "the length of a stop string")
-        over(len(body.logit_bias or {}), self.logit_bias, "logit_bias", "the number of logit_bias entries")
+        over(len(getattr(body, "logit_bias", None) or {}), self.logit_bias, "logit_bias",
+             "the number of logit_bias entries")
         prompt = getattr(body, "prompt", None)
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             over(len(prompt), self.prompts, "prompt", "the number of prompts")
         messages = getattr(body, "messages", None)
         if messages is not None:
             over(len(messages), self.messages, "messages", "the number of messages")
+        items = getattr(body, "input", None)
+        if isinstance(items, list):
+            over(len(items), self.messages, "input", "the number of input items")

@@ -5,9 +5,11 @@ error and event-stream responses each route declares."""
 from __future__ import annotations
 
 from fastapi import FastAPI
+from pydantic import TypeAdapter
 
 from server.openai.errors import ErrorResponse
 from server.openai.limits import Limits
+from server.openai.protocol.responses import ResponseEvent, ResponseObject
 
 ERROR_MEANINGS = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or route",
                   408: "the request ran past its deadline", 413: "request body too large",
@@ -18,6 +20,26 @@ ERROR_MEANINGS = {400: "invalid request", 401: "missing or wrong API key", 404: 
 STREAMABLE = {200: {"description": "The response, or with stream set, its chunks as server-sent events",
                     "content": {"text/event-stream": {"schema": {
                         "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}}}}
+
+
+def responses_streamable() -> dict:
+    """POST /v1/responses: the response object, or with stream set, its typed events (the event schemas are added
+    to the document's components by `install_openapi`)."""
+    event = {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"$ref": "#/components/schemas/ResponseEvent"}}}}
+    return {200: {"model": ResponseObject, "description": "The response, or with stream set, its events as "
+                  "server-sent events (`event: TYPE`, `data: EVENT`)", "content": {"text/event-stream": {
+                      "schema": event}}}}
+
+
+def add_event_schemas(schema: dict) -> None:
+    """The streamed events' schemas, as components (FastAPI documents only JSON bodies)."""
+    events = TypeAdapter(ResponseEvent).json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(events.pop("$defs", {}))
+    components["ResponseEvent"] = events
 
 
 def error_responses(*statuses: int) -> dict:
@@ -67,10 +89,10 @@ def describe_limits(schema: dict, limits: Limits) -> None:
     def lower(node: dict, key: str, value: int) -> None:
         node[key] = min(node.get(key, value), value)
 
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
+    for name in ("CompletionRequest", "ChatCompletionRequest", "ResponsesRequest"):
         props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
         for field, limit in (("n", limits.n), ("max_tokens", limits.max_tokens),
-                             ("max_completion_tokens", limits.max_tokens)):
+                             ("max_completion_tokens", limits.max_tokens), ("max_output_tokens", limits.max_tokens)):
             for branch in branches(props.get(field, {})):
                 if branch.get("type") == "integer":
                     lower(branch, "maximum", limit)
@@ -88,6 +110,9 @@ def describe_limits(schema: dict, limits: Limits) -> None:
                 lower(branch, "maxItems", limits.prompts)
         if "messages" in props:
             lower(props["messages"], "maxItems", limits.messages)
+        for branch in branches(props.get("input", {})):
+            if branch.get("type") == "array":
+                lower(branch, "maxItems", limits.messages)
 
 
 def install_openapi(app: FastAPI, state) -> None:
@@ -103,10 +128,18 @@ def install_openapi(app: FastAPI, state) -> None:
             bound_token_ids(schema, state.engine.vocab_size)
             schema["x-vocab-bound"] = True
         describe_limits(schema, state.config.limits)
+        add_event_schemas(schema)
         # The model ids GET /v1/models lists are the ones GET /v1/models/{model_id} knows (an OpenAPI link).
         one_model = schema["paths"]["/v1/models/{model_id}"]["get"]["operationId"]
         schema["paths"]["/v1/models"]["get"]["responses"]["200"]["links"] = {"GetModel": {
             "operationId": one_model, "parameters": {"model_id": "$response.body#/data/0/id"}}}
+        # A created response's id is what its stored-response routes take.
+        stored = "/v1/responses/{response_id}"
+        schema["paths"]["/v1/responses"]["post"]["responses"]["200"]["links"] = {
+            name: {"operationId": schema["paths"][path][method]["operationId"],
+                   "parameters": {"response_id": "$response.body#/id"}}
+            for name, path, method in (("GetResponse", stored, "get"), ("DeleteResponse", stored, "delete"),
+                                       ("ListInputItems", stored + "/input_items", "get"))}
         return schema
 
     app.openapi = openapi

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
@@ -14,10 +14,11 @@ from server.engine.exceptions import ParamError
 from server.openai.auth import Auth
 from server.openai.chat_prompt import template_messages
 from server.openai.errors import APIError, ClientDisconnected, to_api_error
-from server.openai.openapi import STREAMABLE, error_responses
+from server.openai.openapi import STREAMABLE, error_responses, responses_streamable
 from server.openai.protocol.chat import ChatCompletionRequest
 from server.openai.protocol.completions import CompletionRequest
 from server.openai.protocol.models import ModelCard, ModelList
+from server.openai.protocol.responses import DeletedResponse, InputItemList, ResponseObject, ResponsesRequest
 from server.openai.protocol.tokenize import DetokenizeRequest, TokenizeChat, TokenizeRequest
 
 
@@ -87,6 +88,46 @@ def add_routes(app: FastAPI, state) -> None:
     @app.post("/v1/chat/completions", dependencies=authorized, responses=generating)
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         return await generate(state.chat, body, raw)
+
+    @app.post("/v1/responses", dependencies=authorized,
+              responses=responses_streamable() | error_responses(400, 401, 404, 408, 413, 500, 503))
+    async def create_response(body: ResponsesRequest, raw: Request):
+        return await generate(state.responses, body, raw)
+
+    def stored(response_id: str):
+        state.ready()
+        entry = state.responses.store.get(response_id)
+        if entry is None:
+            raise APIError(404, f"no stored response has the id {response_id!r}", param="response_id",
+                           code="response_not_found")
+        return entry
+
+    @app.get("/v1/responses/{response_id}", dependencies=authorized, response_model=ResponseObject,
+             responses=error_responses(401, 404, 503))
+    async def get_response(response_id: str):
+        return stored(response_id).response
+
+    @app.delete("/v1/responses/{response_id}", dependencies=authorized, response_model=DeletedResponse,
+                responses=error_responses(401, 404, 503))
+    async def delete_response(response_id: str):
+        stored(response_id)
+        state.responses.store.delete(response_id)
+        return DeletedResponse(id=response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items", dependencies=authorized, response_model=InputItemList,
+             responses=error_responses(400, 401, 404, 503))
+    async def list_input_items(response_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=100),
+                               order: Literal["asc", "desc"] = "desc"):
+        items = stored(response_id).input_items
+        items = items if order == "asc" else items[::-1]
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise APIError(400, f"no input item of this response has the id {after!r}", param="after")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        return InputItemList(data=page, first_id=page[0]["id"] if page else None,
+                             last_id=page[-1]["id"] if page else None, has_more=len(items) > limit)
 
     @app.post("/tokenize", dependencies=authorized, responses=error_responses(400, 401, 404, 413, 503))
     async def tokenize(body: TokenizeRequest):

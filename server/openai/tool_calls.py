@@ -3,6 +3,8 @@
 Tool calls are written as Llama 3.1's JSON tool calls, `{"name": "...", "parameters": {...}}`: `tool_choice`
 "auto" lets the model write text and start a call at any point (the call, once started, is constrained),
 "required" and a named function allow calls only, and `parallel_tool_calls` false stops after the first call.
+With an output format as well (a JSON schema, a regex, a grammar), "auto" allows either calls or content in that
+format, and "none" the format alone: one grammar for both.
 """
 
 from __future__ import annotations
@@ -24,19 +26,43 @@ class ToolCallFormat:
     """What a constrained tool-calling request expects back (see `parse_tool_calls`)."""
 
     names: tuple[str, ...]
-    auto: bool         # text may surround the calls
+    auto: bool              # content may come instead of (or, without a format, around) the calls
     parallel: bool
+    exclusive: bool = False  # calls or content in the output format: text that is not a call is all content
 
 
-def tool_spec(tools: list[dict], tool_choice: Any, parallel: bool) -> tuple[GrammarSpec, ToolCallFormat] | None:
-    """The grammar of a tool-calling request, or None for tool_choice "none". `tools` are OpenAI tool
-    definitions, already checked (see `check_tools`)."""
-    if tool_choice == "none":
-        return None
-    names = [t["function"]["name"] for t in tools]
-    if isinstance(tool_choice, dict):
-        names = [tool_choice["function"]["name"]]
-        parallel = False  # OpenAI calls the named function once
+def output_grammar(tools: list[dict] | None, tool_choice: Any, parallel: bool,
+                   fmt: GrammarSpec | None) -> tuple[GrammarSpec | None, ToolCallFormat | None]:
+    """The one grammar of a request's output, from its tools (already checked, see `check_tools`), tool_choice,
+    parallel_tool_calls and output format; and, when calls may come, how to read them back."""
+    if not tools or tool_choice == "none":
+        return fmt, None
+    spec, calls = tool_spec(tools, tool_choice, parallel)
+    if fmt is None or not calls.auto:
+        return spec, calls
+    either = {"type": "or", "elements": [tag_list(tools, calls.names, parallel), format_element(fmt)]}
+    spec = GrammarSpec("structural_tag", canonical({"type": "structural_tag", "format": either}), fmt.param)
+    return spec, ToolCallFormat(calls.names, True, parallel, exclusive=True)
+
+
+def format_element(fmt: GrammarSpec) -> dict:
+    """An output format as an element of a structural tag."""
+    if fmt.kind == "json_schema":
+        return {"type": "json_schema", "json_schema": json.loads(fmt.text), "max_whitespace_cnt": MAX_WHITESPACE}
+    if fmt.kind == "regex":
+        return {"type": "regex", "pattern": fmt.text}
+    if fmt.kind == "grammar":
+        return {"type": "grammar", "grammar": fmt.text}
+    raise ValueError(f"a {fmt.kind} cannot be combined with tool calls")
+
+
+def tag_list(tools: list[dict], names: tuple[str, ...], parallel: bool) -> dict:
+    """One call or more (at most one unless parallel), one a line."""
+    return {"type": "tags_with_separator", "tags": call_tags(tools, names), "separator": "\n", "at_least_one": True,
+            "stop_after_first": not parallel}
+
+
+def call_tags(tools: list[dict], names: tuple[str, ...]) -> list[dict]:
     tags = []
     for tool in tools:
         function = tool["function"]
@@ -46,13 +72,21 @@ def tool_spec(tools: list[dict], tool_choice: Any, parallel: bool) -> tuple[Gram
         tags.append({"type": "tag", "begin": f'{CALL_TRIGGER}{json.dumps(function["name"], ensure_ascii=False)}, '
                      '"parameters": ', "content": {"type": "json_schema", "json_schema": schema,
                                                    "max_whitespace_cnt": MAX_WHITESPACE}, "end": "}"})
+    return tags
+
+
+def tool_spec(tools: list[dict], tool_choice: Any, parallel: bool) -> tuple[GrammarSpec, ToolCallFormat]:
+    """The grammar of the calls a request allows (tool_choice other than "none")."""
+    names = [t["function"]["name"] for t in tools]
+    if isinstance(tool_choice, dict):
+        names = [tool_choice["function"]["name"]]
+        parallel = False  # OpenAI calls the named function once
     auto = tool_choice in (None, "auto")
     if auto:
-        fmt = {"type": "triggered_tags", "triggers": [CALL_TRIGGER], "tags": tags, "at_least_one": False,
-               "stop_after_first": not parallel}
+        fmt = {"type": "triggered_tags", "triggers": [CALL_TRIGGER], "tags": call_tags(tools, tuple(names)),
+               "at_least_one": False, "stop_after_first": not parallel}
     else:
-        fmt = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
-               "stop_after_first": not parallel}
+        fmt = tag_list(tools, tuple(names), parallel)
     spec = GrammarSpec("structural_tag", canonical({"type": "structural_tag", "format": fmt}), "tools")
     return spec, ToolCallFormat(tuple(names), auto, parallel)
 
@@ -124,7 +158,7 @@ class ToolCallScanner:
     pos: int = 0                 # text before pos is accounted for
     calls: list[ToolCall] = field(default_factory=list)
     content: str = ""
-    state: str = "text"          # text, header, arguments, close
+    state: str = "text"          # text, header, arguments, close; "content": the rest is all content
     _depth: int = 0
     _in_string: bool = False
     _escaped: bool = False
@@ -135,7 +169,19 @@ class ToolCallScanner:
         self.text += delta
         events: list[tuple[str, Any]] = []
         while self.pos < len(self.text):
-            if self.state == "text":
+            if self.state == "content":
+                self._content(events, self.text[self.pos:])
+                self.pos = len(self.text)
+            elif self.state == "text" and self.fmt.exclusive and not self.calls:
+                # Calls or content, never both: the output is calls only if it starts with one.
+                head = self.text[:len(CALL_TRIGGER)]
+                if head == CALL_TRIGGER:
+                    self.state = "header"
+                elif CALL_TRIGGER.startswith(head) and not final:
+                    break  # too short to tell yet
+                else:
+                    self.state = "content"
+            elif self.state == "text":
                 start = self.text.find(CALL_TRIGGER, self.pos)
                 if start < 0:  # hold back what may be the start of a trigger, until more text comes
                     end = len(self.text) - (0 if final else _partial_suffix(self.text[self.pos:], CALL_TRIGGER))
@@ -147,9 +193,20 @@ class ToolCallScanner:
                     self._content(events, self.text[self.pos:start])
                 self.pos, self.state = start, "header"
             elif self.state == "header":
-                header = _call_header(self.text, self.pos)
+                try:
+                    header = _call_header(self.text, self.pos)
+                except ValueError:  # with an output format too, text that is not a call is content
+                    if not self.fmt.exclusive:
+                        raise
+                    header = ("", -1)
                 if header is None:
+                    if final and self.fmt.exclusive:
+                        self.state = "content"
+                        continue
                     break
+                if self.fmt.exclusive and header[0] not in self.fmt.names:
+                    self.state = "content"
+                    continue
                 name, self.pos = header
                 self.calls.append(ToolCall(new_call_id(), name, ""))
                 events.append(("call", (len(self.calls) - 1, self.calls[-1])))

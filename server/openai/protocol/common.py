@@ -36,10 +36,12 @@ class Strict(BaseModel):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage on every chunk too (with include_usage)
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """A fresh id as OpenAI spells its kind: "chatcmpl-…", "cmpl-…", "resp_…", "msg_…"."""
+    return f"{prefix}{uuid.uuid4().hex}"
 
 
 def now() -> int:

@@ -78,6 +78,7 @@ class Finished:
     choices: dict[int, Choice]
     prompt_logprobs: dict[int, list]
     usage: Usage
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
 
 def sse(payload) -> str:
@@ -85,27 +86,62 @@ def sse(payload) -> str:
     return f"data: {data}\n\n"
 
 
-class ChunkWriter:
-    """One streamed request's chunks: what an output's deltas become (each endpoint's `chunks`), and the usage
-    chunk. A chunk is a `chunk_type` (the endpoint's response or chunk model) with some of the choices."""
-
-    chunk_type: type[Response]
+class EventWriter:
+    """One streamed request's server-sent events: what comes before any output, what an output becomes, what
+    ends the stream, and what reports a failure once the headers are sent. It counts the tokens as they come."""
 
     def __init__(self, serving: Serving, body, prepared: Prepared, request_id: str, created: int):
         self.serving, self.body, self.prepared = serving, body, prepared
         self.request_id, self.created = request_id, created
-        self.with_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.completion_tokens = 0
 
-    def chunk(self, choices: list, usage: Usage | None = None) -> dict:
-        chunk = self.chunk_type(id=self.request_id, created=self.created, model=self.serving.model_name,
-                                choices=choices, usage=usage)
-        return chunk.model_dump(exclude=set() if self.with_usage else {"usage"})
+    @property
+    def usage(self) -> Usage:
+        return Usage.of(self.prepared.num_prompt_tokens, self.completion_tokens)
 
-    def chunks(self, prompt_index: int, out: RequestOutput) -> list[dict]:
+    def opening(self) -> list[str]:
+        return []
+
+    def events(self, prompt_index: int, out: RequestOutput) -> list[str]:
         raise NotImplementedError
 
-    def usage_chunk(self, usage: Usage) -> dict:
-        return self.chunk([], usage)
+    def closing(self) -> list[str]:
+        raise NotImplementedError
+
+    def failure(self, error: BaseException) -> list[str]:
+        raise NotImplementedError
+
+
+class ChunkWriter(EventWriter):
+    """Completions and chat completions: every event is a chunk (a `chunk_type`, the endpoint's response or chunk
+    model, with some of the choices); usage in a last chunk when asked (`stream_options.include_usage`), and on
+    every chunk with vLLM's `continuous_usage_stats`; the stream ends with [DONE]."""
+
+    chunk_type: type[Response]
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        options = self.body.stream_options
+        self.with_usage = bool(options and options.include_usage)
+        self.continuous_usage = self.with_usage and bool(options.continuous_usage_stats)
+
+    def chunk(self, choices: list, usage: Usage | None = None) -> str:
+        usage = self.usage if usage is None and self.continuous_usage else usage
+        chunk = self.chunk_type(id=self.request_id, created=self.created, model=self.serving.model_name,
+                                choices=choices, usage=usage)
+        return sse(chunk.model_dump(exclude=set() if self.with_usage else {"usage"}))
+
+    def chunks(self, prompt_index: int, out: RequestOutput) -> list[str]:
+        raise NotImplementedError
+
+    def events(self, prompt_index: int, out: RequestOutput) -> list[str]:
+        return self.chunks(prompt_index, out)
+
+    def closing(self) -> list[str]:
+        return ([self.chunk([], self.usage)] if self.with_usage else []) + [sse("[DONE]")]
+
+    def failure(self, error: BaseException) -> list[str]:
+        return [sse(to_api_error(error).body()), sse("[DONE]")]
 
 
 class Serving:
@@ -128,7 +164,7 @@ class Serving:
     def response(self, body, prepared: Prepared, finished: Finished, request_id: str, created: int) -> dict:
         raise NotImplementedError
 
-    def writer(self, body, prepared: Prepared, request_id: str, created: int) -> ChunkWriter:
+    def writer(self, body, prepared: Prepared, request_id: str, created: int) -> EventWriter:
         raise NotImplementedError
 
     # -- the skeleton -----------------------------------------------------------------------------------------
@@ -142,8 +178,7 @@ class Serving:
         stream = self.run(prepared.prompts, prepared.params, request_id)
         if body.stream:
             stream = await self.first_then_rest(stream)
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self.events(self.writer(body, prepared, request_id, created), prepared, stream, include_usage)
+            events = self.events(self.writer(body, prepared, request_id, created), stream)
             return StreamingResponse(events, media_type="text/event-stream")
         finished = await self.collect(raw, stream, prepared)
         return JSONResponse(self.response(body, prepared, finished, request_id, created))
@@ -234,6 +269,8 @@ class Serving:
                         c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
                 if out.prompt_logprobs is not None:
                     finished.prompt_logprobs.setdefault(i, out.prompt_logprobs)
+                if out.finished and out.metrics is not None:
+                    finished.cached_tokens += out.metrics.num_cached_tokens
 
         task = asyncio.create_task(drain())
         while not task.done():
@@ -257,21 +294,21 @@ class Serving:
                 yield item
         return chained()
 
-    async def events(self, writer: ChunkWriter, prepared: Prepared, stream: AsyncIterator,
-                     include_usage: bool) -> AsyncIterator[str]:
-        """The stream as server-sent events: the writer's chunks, the usage chunk when asked, then [DONE]. An error
-        once the headers are sent is reported in-band, as OpenAI-compatible servers do."""
-        completion_tokens = 0
+    async def events(self, writer: EventWriter, stream: AsyncIterator) -> AsyncIterator[str]:
+        """The stream as the writer's server-sent events. An error once the headers are sent is reported in-band,
+        as OpenAI-compatible servers do."""
         try:
+            for event in writer.opening():
+                yield event
             async for prompt_index, out in stream:
-                completion_tokens += sum(len(d.token_ids) for d in out.deltas)
-                for chunk in writer.chunks(prompt_index, out):
-                    yield sse(chunk)
-            if include_usage:
-                yield sse(writer.usage_chunk(Usage.of(prepared.num_prompt_tokens, completion_tokens)))
+                writer.completion_tokens += sum(len(d.token_ids) for d in out.deltas)
+                for event in writer.events(prompt_index, out):
+                    yield event
+            for event in writer.closing():
+                yield event
         except Exception as e:
-            yield sse(to_api_error(e).body())
-        yield sse("[DONE]")
+            for event in writer.failure(e):
+                yield event
 
     def _log(self, out: RequestOutput, outputs: list[str]) -> None:
         """One line a request: ids, counts and timings; its text only with --log-requests."""

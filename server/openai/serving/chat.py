@@ -18,7 +18,7 @@ from server.openai.tool_calls import ToolCallScanner, parse_tool_calls
 
 
 class ChatServing(Serving):
-    id_prefix = "chatcmpl"
+    id_prefix = "chatcmpl-"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -35,14 +35,8 @@ class ChatServing(Serving):
         ids = self.prompt.ids(turns, body.add_generation_prompt, offered)
         self.check_prompt(ids, param="messages")
 
-        spec, call_format = format_spec(body), None
-        calls = tool_calls.tool_spec(body.tools, body.tool_choice, body.parallel_tool_calls) if body.tools else None
-        if calls is not None and spec is not None:
-            raise ParamError("response_format or structured outputs cannot be combined with tool calls; "
-                             "set tool_choice to 'none'", "tool_choice")
-        if calls is not None:
-            spec, call_format = calls
-
+        spec, call_format = tool_calls.output_grammar(body.tools, body.tool_choice, body.parallel_tool_calls,
+                                                      format_spec(body))
         if body.top_logprobs is not None and not body.logprobs:
             raise ParamError("top_logprobs requires logprobs to be true", "top_logprobs")
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
@@ -95,7 +89,7 @@ class ChatChunks(ChunkWriter):
         self.started: set[int] = set()
         self.scanners: dict[int, ToolCallScanner] = {}
 
-    def chunks(self, prompt_index: int, out: RequestOutput) -> list[dict]:
+    def chunks(self, prompt_index: int, out: RequestOutput) -> list[str]:
         chunks = []
         for d in out.deltas:
             if d.index not in self.started:

@@ -13,7 +13,7 @@ from server.openai.serving.base import ChunkWriter, Finished, Prepared, Serving
 
 
 class CompletionServing(Serving):
-    id_prefix = "cmpl"
+    id_prefix = "cmpl-"
 
     def prepare(self, body: CompletionRequest) -> Prepared:
         """Prompts → token ids, the format → a grammar, the fields → sampling parameters."""
@@ -89,7 +89,7 @@ class CompletionChunks(ChunkWriter):
         self.started: set[int] = set()
         self.prompt_logprobs: dict[int, list] = {}  # per prompt; forked samples share their first sample's
 
-    def chunks(self, prompt_index: int, out: RequestOutput) -> list[dict]:
+    def chunks(self, prompt_index: int, out: RequestOutput) -> list[str]:
         body, prompt = self.body, self.prepared.prompts[prompt_index]
         if out.prompt_logprobs is not None:
             self.prompt_logprobs.setdefault(prompt_index, out.prompt_logprobs)

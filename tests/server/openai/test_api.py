@@ -614,3 +614,20 @@ def test_tokenize_prepares_messages_as_chat_completions_does(server, request):
     assert tokenized.json()["count"] == chat.json()["usage"]["prompt_tokens"]
     text = live.engine.tokenizer.decode(tokenized.json()["tokens"])
     assert '{"name": "get_weather", "parameters": {"city": "Paris"}}' in text and "21 degrees" in text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_put_usage_on_every_chunk(tiny_server, path):
+    """vLLM's stream_options.continuous_usage_stats (load testers send it): each chunk's usage counts the tokens
+    so far, and the last chunk's is the request's."""
+    body = {"model": tiny_server.model, "max_tokens": 6, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body.update({"prompt": "Hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]})
+    with tiny_server.http() as http, http.stream("POST", path, json=body) as r:
+        events = sse_events(r)
+    usages = [e["usage"] for e in events]
+    assert all(u is not None for u in usages)
+    counts = [u["completion_tokens"] for u in usages]
+    assert counts == sorted(counts) and counts[-1] == 6 and events[-1]["choices"] == []
+    assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)
+    assert len({u["prompt_tokens"] for u in usages}) == 1

@@ -284,7 +284,6 @@ def test_constrained_and_unconstrained_requests_share_batches(smol_server):
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
      "tools.0.function.parameters"),
     ({"tools": [WEATHER, WEATHER]}, "tools.1.function.name"),
-    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"messages": [{"role": "tool", "content": "21 degrees"}]}, "messages.0.tool_call_id"),
 ])
 def test_bad_schemas_and_tool_definitions_are_400s_naming_the_field(smol_server, body, param):
@@ -336,3 +335,71 @@ def test_a_grammar_that_allows_nothing_ends_the_request_with_a_clear_error(smol_
                                                 "structured_outputs": {"choice": ["yes"]}})
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "yes"
     smol_server.wait_until_idle()
+
+
+# -- tools together with an output format -----------------------------------------------------------------------
+
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                         "country": {"type": "string", "maxLength": 20}},
+        "required": ["city", "country"], "additionalProperties": False}
+
+
+def test_one_grammar_allows_calls_or_the_format_and_nothing_else(smollm):
+    """The grammar of tools with tool_choice "auto" and a JSON schema: a call, or content in the format; text that
+    is neither is refused, token by token, by xgrammar's own matcher."""
+    from server.openai.constraints import json_schema_spec
+    from server.openai.tool_calls import output_grammar
+
+    compiler = GrammarCompiler(smollm.tokenizer, smollm.config.vocab_size)
+    spec, calls = output_grammar([WEATHER, TIME], "auto", True, json_schema_spec(CITY, "response_format"))
+    assert calls.exclusive and spec.param == "response_format"
+    compiled = compiler.compile(spec)
+    eos = sorted(smollm.tokenizer.eos_token_ids)[0]
+
+    def complete(text: str) -> bool:
+        """The whole of `text`, then the end of the output, is allowed."""
+        matcher = grammar.matcher(compiled)
+        return matcher.accept_string(text) and matcher.accept_token(eos)
+
+    call = '{"name": "get_time", "parameters": {"city": "Paris"}}'
+    for text in (call, call + "\n" + '{"name": "get_weather", "parameters": {"city": "Rome", "unit": "celsius"}}',
+                 '{"city": "Paris", "country": "France"}'):
+        assert complete(text), text
+    for text in ('Sure! {"city": "Paris", "country": "France"}', '{"city": "Paris"}', '{"name": "Paris"}',
+                 '{"name": "get_time", "parameters": {"town": "Paris"}}', call + ' {"city": "Paris"}'):
+        assert not complete(text), text
+    none_spec, none_calls = output_grammar([WEATHER], "none", True, json_schema_spec(CITY, "response_format"))
+    assert none_calls is None and none_spec.kind == "json_schema"
+
+
+def test_scanner_reads_format_content_that_looks_like_a_call_as_content():
+    fmt = ToolCallFormat(("get_weather",), auto=True, parallel=True, exclusive=True)
+    for text in ('{"name": "Paris", "country": "France"}', '{"city": "Paris"}'):
+        pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
+        scanner = ToolCallScanner(fmt)
+        events = [e for i, p in enumerate(pieces) for e in scanner.feed(p, final=i == len(pieces) - 1)]
+        assert "".join(v for k, v in events if k == "content") == text and not scanner.calls
+        assert parse_tool_calls(text, fmt) == (text, [])
+    content, calls = parse_tool_calls('{"name": "get_weather", "parameters": {"city": "Rome"}}', fmt)
+    assert content is None and [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Rome"}')]
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "none", "required"])
+def test_tools_with_a_response_format_in_chat_completions(smol_server, tool_choice):
+    """OpenAI accepts both: the output is calls (per tool_choice) or content in the format, streamed or not."""
+    client = smol_server.client()
+    args = dict(model=smol_server.model, messages=[{"role": "user", "content": "Where is Paris? Answer as JSON."}],
+                tools=[WEATHER], tool_choice=tool_choice, max_tokens=60, temperature=0,
+                response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}})
+    full = client.chat.completions.create(**args)
+    message = full.choices[0].message
+    if message.tool_calls:
+        assert tool_choice != "none" and full.choices[0].finish_reason == "tool_calls"
+        for call in message.tool_calls:
+            checker(WEATHER["function"]["parameters"]).validate(json.loads(call.function.arguments))
+    else:
+        assert tool_choice != "required" and full.choices[0].finish_reason == "stop"
+        checker(CITY).validate(json.loads(message.content))
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == (message.content or "")
