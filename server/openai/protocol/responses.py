@@ -147,9 +147,12 @@ class ResponsesRequest(Strict):
     user: str | None = None
     truncation: Literal["disabled", "auto"] | None = None
     seed: Int() | None = None
-    # OpenAI's, not served here (no reasoning model, no background mode): a 400 naming them unless null or false.
+    # OpenAI's, not served here (no reasoning model, no background mode, no stored conversations or prompt
+    # templates): a 400 naming them unless null or false.
     reasoning: None = None
     background: NotServed | None = None
+    conversation: None = None
+    prompt: None = None
 
 
 # -- the response ----------------------------------------------------------------------------------------------------

@@ -323,3 +323,11 @@ def test_limits_and_deadlines_apply(tiny_llama3):
         late = http.post("/v1/responses", json={**body, "max_output_tokens": 8}, headers={"X-Request-Timeout": "1e-9"})
         assert_openai_error(late, 408, code="request_timeout")
         s.wait_until_idle()
+
+
+@pytest.mark.parametrize("field, value", [("conversation", "conv_1"), ("prompt", {"id": "pmpt_1"}),
+                                          ("reasoning", {"effort": "low"})])
+def test_fields_this_server_does_not_serve_are_refused_not_ignored(tiny_server, field, value):
+    with tiny_server.http() as http:
+        r = http.post("/v1/responses", json={"model": tiny_server.model, "input": "Hi", field: value})
+    assert_openai_error(r, 400, param=field)
