@@ -85,13 +85,15 @@ def read_directory(directory: Path) -> tuple[ModelConfig, Tokenizer, Iterator[tu
 
 
 def read_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, torch.Tensor]]]:
-    from model.checkpoint.gguf import config_from_gguf, load_gguf_state_dict
+    from model.checkpoint.gguf import check_tensor_table, config_from_gguf, load_gguf_state_dict
     from model.checkpoint.gguf_file import GGUFFile
     from model.text.tokenizer import Tokenizer
 
-    header = GGUFFile(path)  # parsed once, for the config and the vocabulary
+    header = GGUFFile(path)  # parsed once, for the config, the tensor table and the vocabulary
+    config = config_from_gguf(header)
+    check_tensor_table(header)  # names, shapes and types, before anything is read
     # Dequantised straight to the serving dtype, so the cached copy needs no conversion at the next start.
-    return config_from_gguf(header), Tokenizer.from_gguf(header.metadata), iter(load_gguf_state_dict(path, dtype).items())
+    return config, Tokenizer.from_gguf(header.metadata), iter(load_gguf_state_dict(path, dtype).items())
 
 
 def load(source: str | Path | None = None, *, device: torch.device | str = "cpu",

@@ -37,14 +37,22 @@ def main(argv: list[str] | None = None) -> None:
     use_persistent_compile_cache()
     logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = ServerState(server)
-    app = create_app(state, lambda: build_engine(engine_config))
+    holder: list = []  # the uvicorn server, for the loader to stop when the model cannot be loaded
+
+    def stop() -> None:
+        holder[0].should_exit = True
+
+    app = create_app(state, lambda: build_engine(engine_config), on_load_failure=stop)
     log.info("serving %s on http://%s:%d", server.served_model_name, server.host, server.port)
     config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
                             timeout_graceful_shutdown=server.shutdown_grace_seconds)
+    holder.append(draining_server()(config, state, server.shutdown_grace_seconds))
     try:
-        draining_server()(config, state, server.shutdown_grace_seconds).run()
+        holder[0].run()
     except KeyboardInterrupt:  # Ctrl-C after uvicorn's own graceful shutdown: nothing left to report
         pass
+    if state.load_error is not None:  # a server that can never serve exits, so that its supervisor sees it
+        raise SystemExit(f"cannot serve: {state.load_error}")
 
 
 def draining_server():

@@ -3,6 +3,7 @@ with Hugging Face tensor names, dequantised, from the tensors."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Mapping
 from os import PathLike
@@ -21,9 +22,22 @@ from model.config import ModelConfig, RopeScaling
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's precomputed Llama 3 frequency divisors; goes into the config
 _REQUIRED = object()
+
+
+@functools.cache
+def readable(qtype: Q) -> bool:
+    """Whether the `gguf` package can dequantise tensors of this type (it reads nearly every type llama.cpp
+    writes: the legacy, K- and IQ quants; not the integer and Q8_1/Q8_K intermediate types)."""
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        return True
+    try:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
+    except (NotImplementedError, KeyError, ValueError):
+        return False
+    return True
 
 
 def config_from_gguf(path_or_reader: str | PathLike | GGUFFile | gguf.GGUFReader) -> ModelConfig:
@@ -161,6 +175,12 @@ def _tensor_plan(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], int 
     return plan
 
 
+def check_tensor_table(file: GGUFFile) -> None:
+    """The file's tensors are the config's, with their shapes and types this server can read; else a ValueError
+    naming the file, the tensor and what is wrong with it."""
+    _check_tensors(file, _tensor_plan(config_from_gguf(file)))
+
+
 def _check_tensors(file: GGUFFile, plan: Mapping[str, tuple[str, tuple[int, ...], int | None]]) -> None:
     """Every problem with the tensor table is reported before anything is dequantised."""
     for name in file.tensors:
@@ -173,14 +193,14 @@ def _check_tensors(file: GGUFFile, plan: Mapping[str, tuple[str, tuple[int, ...]
         if info.shape != shape:
             raise ValueError(f"tensor {name!r} ({hf_name}) has shape {list(info.shape)}, "
                              f"the config needs {list(shape)}")
-        if info.qtype not in SUPPORTED_TYPES:
-            raise ValueError(f"tensor {name!r} has type {info.type_name}, which is not supported "
-                             f"(supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))})")
+        if not readable(info.qtype):
+            raise ValueError(f"{file.path}: tensor {name!r} has type {info.type_name}, which this server cannot "
+                             "read")
 
 
 def _dequantize(file: GGUFFile, info: GGUFTensorInfo) -> torch.Tensor:
-    if info.qtype not in SUPPORTED_TYPES:
-        raise ValueError(f"tensor {info.name!r} has type {info.type_name}, which is not supported")
+    if not readable(info.qtype):
+        raise ValueError(f"{file.path}: tensor {info.name!r} has type {info.type_name}, which this server cannot read")
     values = gguf.quants.dequantize(file.tensor_bytes(info), info.qtype)  # float32 [*info.shape]
     if not values.flags.writeable:  # F32 comes back as a view of the read-only file map
         values = values.copy()

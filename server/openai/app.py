@@ -66,8 +66,10 @@ class ServerState:
         return self.engine
 
 
-def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None = None) -> FastAPI:
-    """`load_engine`, if given, runs on a thread at start-up: the server answers /health with 503 meanwhile."""
+def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None = None,
+               on_load_failure: Callable[[], None] | None = None) -> FastAPI:
+    """`load_engine`, if given, runs on a thread at start-up: the server answers /health with 503 meanwhile. If it
+    fails, `state.load_error` says why and `on_load_failure` is called (the command line exits non-zero)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -77,8 +79,11 @@ def create_app(state: ServerState, load_engine: Callable[[], AsyncEngine] | None
                     state.set_engine(load_engine())
                     log.info("model loaded; ready")
                 except Exception as e:
-                    log.exception("loading the model failed")
-                    state.load_error = f"{type(e).__name__}: {e}"
+                    log.debug("loading the model failed", exc_info=True)
+                    state.load_error = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+                    log.error("loading the model failed: %s", state.load_error)
+                    if on_load_failure is not None:
+                        on_load_failure()
             threading.Thread(target=loader, name="model-loader", daemon=True).start()
         yield
         if state.engine is not None:

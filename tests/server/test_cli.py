@@ -82,3 +82,36 @@ def test_every_option_parses_from_its_flag():
     assert args.kv_cache_memory == "1GiB" and args.limits == ["n=2", "stop=1"]
     engine, server = resolve_settings(["--kv-cache-memory", "1GiB", "--allowed-origins", "a, b", "--limit", "n=2"])
     assert engine.kv_cache_memory == 2**30 and server.allowed_origins == ("a", "b") and server.limits.n == 2
+
+
+def test_a_model_that_cannot_be_served_exits_non_zero_naming_the_file(tmp_path):
+    """A missing file, a tensor of a type no reader knows, a truncated file: one line naming the file (and the
+    tensor and its type), and the process exits non-zero within seconds, never a server that stays up unready."""
+    import time
+
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from tests.model.checkpoint.test_gguf import random_hf_state_dict, tiny_hf_config, write_llama_gguf
+    from tests.server.conftest import free_port
+
+    hf_cfg = tiny_hf_config()
+    odd = tmp_path / "odd-type.gguf"
+    write_llama_gguf(odd, hf_cfg, random_hf_state_dict(hf_cfg),
+                     change={"blk.0.attn_v.weight": (np.ones((128, 256), np.int8), Q.I8)})
+    whole = tmp_path / "whole.gguf"
+    write_llama_gguf(whole, hf_cfg, random_hf_state_dict(hf_cfg))
+    cut = tmp_path / "truncated.gguf"
+    cut.write_bytes(whole.read_bytes()[:-1000])
+    cases = [(tmp_path / "missing.gguf", "missing.gguf"),
+             (odd, "odd-type.gguf: tensor 'blk.0.attn_v.weight' has type I8, which this server cannot read"),
+             (cut, "truncated.gguf")]
+    for path, words in cases:
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "server", "--model", str(path), "--port", str(free_port()),
+                               "--enforce-eager", "--log-level", "warning"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode != 0, (path, done.stderr[-2000:])
+        assert time.monotonic() - start < 60
+        last = done.stderr.strip().splitlines()[-1]
+        assert words in last and str(path.parent) in last, (path, last)

@@ -350,8 +350,8 @@ def test_truncated_file(tmp_path):
     (set(), {"blk.0.attn_k.weight": (np.zeros((64, 256), np.float32), Q.F32)},
      r"tensor 'blk.0.attn_k.weight' \(model.layers.0.self_attn.k_proj.weight\) has shape \[64, 256\], "
      r"the config needs \[128, 256\]"),
-    (set(), {"blk.0.attn_v.weight": (gguf.quants.quantize(np.ones((128, 256), np.float32), Q.Q5_0), Q.Q5_0)},
-     r"tensor 'blk.0.attn_v.weight' has type Q5_0, which is not supported"),
+    (set(), {"blk.0.attn_v.weight": (np.ones((128, 256), np.int8), Q.I8)},
+     r"t.gguf: tensor 'blk.0.attn_v.weight' has type I8, which this server cannot read"),
     (set(), {"blk.0.attn_q.bias": (np.zeros(256, np.float32), Q.F32)},
      r"unexpected tensor 'blk.0.attn_q.bias'"),
 ], ids=["missing", "shape", "type", "unexpected"])

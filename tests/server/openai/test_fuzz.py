@@ -37,7 +37,7 @@ def test_schemathesis_finds_nothing(tiny_llama3, tmp_path):
     cli = schemathesis_cli()
     # Operator limits keep each generated request short (the document states them, so the fuzzer keeps to them);
     # the requests are still every shape the document allows.
-    limits = Limits(max_tokens=8, n=4, prompts=4)
+    limits = Limits(max_tokens=4, n=4, prompts=4)
     state = server_state("tiny-fuzz", make_engine(tiny_llama3, max_model_len=256, max_num_seqs=8,
                                                   max_num_batched_tokens=256), limits=limits)
     with run_uvicorn(create_app(state)) as url:
