@@ -119,6 +119,10 @@ class ResponsesServing(Serving):
             raise ParamError(str(e), (e.param or "").replace(".function.", ".")) from None
         offered = tools if tools and choice != "none" else None
         ids = self.prompt.ids(chat_turns(conversation, body.instructions), True, offered)
+        kept = conversation
+        while body.truncation == "auto" and len(ids) >= self.engine.max_model_len and len(kept) > 1:
+            kept = kept[1:]  # OpenAI's "auto": the oldest items go first, until the rest fits the context
+            ids = self.prompt.ids(chat_turns(kept, body.instructions), True, offered)
         self.check_prompt(ids, param="input")
         spec, call_format = tool_calls.output_grammar(tools, choice, body.parallel_tool_calls,
                                                       self.format_spec(body))

@@ -331,3 +331,15 @@ def test_fields_this_server_does_not_serve_are_refused_not_ignored(tiny_server, 
     with tiny_server.http() as http:
         r = http.post("/v1/responses", json={"model": tiny_server.model, "input": "Hi", field: value})
     assert_openai_error(r, 400, param=field)
+
+
+def test_truncation_auto_drops_the_oldest_items_until_the_rest_fits(tiny_server):
+    long_turns = [{"role": "user", "content": "word " * 1200}, {"role": "assistant", "content": "ok"},
+                  {"role": "user", "content": "word " * 1200}, {"role": "assistant", "content": "ok"},
+                  {"role": "user", "content": "Hi"}]  # about 2,400 tokens: twice that is more than 4,096
+    body = {"model": tiny_server.model, "input": long_turns * 2, "max_output_tokens": 2}
+    with tiny_server.http() as http:
+        assert_openai_error(http.post("/v1/responses", json=body), 400, param="input", code="context_length_exceeded")
+        r = http.post("/v1/responses", json={**body, "truncation": "auto"})
+    assert r.status_code == 200, r.text
+    assert r.json()["truncation"] == "auto" and r.json()["usage"]["input_tokens"] < 4096
