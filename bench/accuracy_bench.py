@@ -4,8 +4,8 @@
 
 The reference is the model with dense float32 weights (`--dtype float32 --quantization none`), run over each
 text in one teacher-forced pass. The fast configuration (bfloat16, `--quantization auto`) is measured on both of
-its paths: prompt tokens (dense bfloat16 weights, one prefill pass) and generated tokens (the packed 4- and 8-bit
-weights as stored, one compiled decode step per token, as when serving). Figures: top-1 agreement (the same next token) and mean
+its paths: prompt tokens (one prefill pass) and generated tokens (one compiled decode step per token, as when
+serving), both on the packed weights as stored. Pass several GGUF files to `--model` for one table each. Figures: top-1 agreement (the same next token) and mean
 KL divergence KL(reference || fast) over every position, per text and overall. The texts are varied and ship
 with Python itself or this repository: prose and legal text, Markdown, source code, a chat transcript.
 """
@@ -90,21 +90,25 @@ class DecodePath:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", nargs="*", default=[None], help="model files (default: the embedded model)")
     parser.add_argument("--tokens-per-text", type=int, default=600)
     parser.add_argument("--enforce-eager", action="store_true", help="decode eagerly instead of compiled")
     args = parser.parse_args()
+    for source in args.model:
+        measure(source, args.tokens_per_text, args.enforce_eager)
 
-    reference = load(args.model, dtype=torch.float32, quantization="none")
-    fast = load(args.model, dtype=torch.bfloat16, quantization="auto")
-    decode_path = DecodePath(fast.model, fast.config, args.tokens_per_text + 1, not args.enforce_eager)
+
+def measure(source: str | None, tokens_per_text: int, enforce_eager: bool) -> None:
+    reference = load(source, dtype=torch.float32, quantization="none")
+    fast = load(source, dtype=torch.bfloat16, quantization="auto")
+    decode_path = DecodePath(fast.model, fast.config, tokens_per_text + 1, not enforce_eager)
     print(f"{reference.source}: reference float32 dense; fast bfloat16 with quantization {fast.quantization}, "
           f"decode {'eager' if decode_path.step is None else 'compiled'}")
     totals = {"prompt": [0, 0.0], "decode": [0, 0.0]}
     count = 0
     print(f"{'text':<44} {'tokens':>6} {'prompt top-1':>12} {'prompt KL':>10} {'decode top-1':>12} {'decode KL':>10}")
     for name, text in texts(reference.tokenizer).items():
-        ids = reference.tokenizer.encode(text, allow_special=True)[:args.tokens_per_text]
+        ids = reference.tokenizer.encode(text, allow_special=True)[:tokens_per_text]
         start = time.perf_counter()
         ref = prefill_logits(reference.model, reference.config, ids, torch.float32)
         prompt = compare(ref, prefill_logits(fast.model, fast.config, ids, torch.bfloat16))

@@ -22,7 +22,6 @@ from model.config import ModelConfig
 from model.kernels.cpu import decode_attention_kernel
 from model.kernels.triton_decode import available as triton_available
 from model.kernels.triton_decode import paged_decode_attention
-from model.layers import project
 from model.rope import apply_rope
 
 # "sdpa": the device's kernels (above); "reference": everything spelled out in float32; "triton": decode through
@@ -137,16 +136,16 @@ class Attention(nn.Module):
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         N, B = x.shape[0], batch.num_decode
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x, B).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                                                 self.num_kv_heads * self.head_dim], dim=-1)
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                                              self.num_kv_heads * self.head_dim], dim=-1)
         else:
-            q, k, v = project(self.q_proj, x, B), project(self.k_proj, x, B), project(self.v_proj, x, B)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = apply_rope(q.view(N, self.num_heads, self.head_dim), cos, sin)     # [N, H, D]
         k = apply_rope(k.view(N, self.num_kv_heads, self.head_dim), cos, sin)  # [N, Hkv, D]
         v = v.view(N, self.num_kv_heads, self.head_dim)
         if not batch.prefills:  # decode only: the shape a compiled step sees
             out = decode_attention(q, k, v, k_cache, v_cache, batch.decode_tables, batch.decode_host, self.impl)
-            return project(self.o_proj, out.view(N, self.num_heads * self.head_dim), B)
+            return self.o_proj(out.view(N, self.num_heads * self.head_dim))
 
         out = torch.empty_like(q)  # [N, H, D]
         if B:
@@ -168,4 +167,4 @@ class Attention(nn.Module):
                 values = gather_blocks(v_cache, span.block_ids, span.context_len).unsqueeze(0)
             queries = q[span.rows].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
             out[span.rows] = attend(queries, keys, values, span.mask)[0].transpose(0, 1)
-        return project(self.o_proj, out.view(N, self.num_heads * self.head_dim), B)
+        return self.o_proj(out.view(N, self.num_heads * self.head_dim))

@@ -5,8 +5,8 @@ of block blocks[t // block_size]. Without a block size, a sequence's one block h
 "slots": KVCache(config, num_slots, max_len) with chunk.blocks == (slot,)), which the model tests use.
 
 Chunks that decode (one generated token of a sequence) form the *decode group*: their attention is one batched
-call through their block tables, and quantised layers multiply them with their packed weights. Other chunks
-(prompt tokens) each get their own attention call over their blocks. The caller lists decode chunks first, so
+call through their block tables. Other chunks (prompt tokens) each get their own attention call over their
+blocks. The caller lists decode chunks first, so
 the decode group's tokens are the leading rows of the packed batch.
 """
 

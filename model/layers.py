@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.quant import PackedLinear
 
 
 class RMSNorm(nn.Module):
@@ -22,13 +21,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def project(linear: nn.Module, x: torch.Tensor, num_decode: int) -> torch.Tensor:
-    """`linear(x)`; a quantised linear also learns which leading rows are decode rows (see model/quant.py)."""
-    if isinstance(linear, PackedLinear):
-        return linear(x, num_decode)
-    return linear(x)
-
-
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); names match the Hugging Face checkpoint."""
 
@@ -39,10 +31,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.gate_up_proj = None  # gate and up fused into one packed layer, when they are packed
 
-    def forward(self, x: torch.Tensor, num_decode: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x, num_decode).chunk(2, dim=-1)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            gate, up = project(self.gate_proj, x, num_decode), project(self.up_proj, x, num_decode)
-        hidden = F.silu(gate) * up
-        return project(self.down_proj, hidden, num_decode)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)

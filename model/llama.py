@@ -9,7 +9,7 @@ from model.attention import Attention
 from model.batch import ForwardBatch
 from model.config import ModelConfig
 from model.kv_cache import KVCache
-from model.layers import MLP, RMSNorm, project
+from model.layers import MLP, RMSNorm
 from model.rope import rope_tables
 
 
@@ -23,7 +23,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, batch: ForwardBatch, k_cache, v_cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x), batch.num_decode)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -53,6 +53,11 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (and the KV cache's), whatever the linear layers store: the norms' own."""
+        return self.model.norm.weight.dtype
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -76,4 +81,4 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, batch, cache.k[i], cache.v[i])
         if batch.prefills:  # decode-only batches want every row, in order
             x = x[batch.logits_indices]  # [M, dim]
-        return project(self.lm_head, self.model.norm(x), batch.num_decode).float()
+        return self.lm_head(self.model.norm(x)).float()

@@ -18,7 +18,8 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.llama import Llama
-from model.quant import QUANTIZATIONS, fuse, quantize_model
+from model.kernels.cpu import packed_linear_kernel
+from model.quant import QUANTIZATIONS, PackedEmbedding, PackedLinear, PackedWeight, fuse, quantize_model
 
 if TYPE_CHECKING:
     from model.text.tokenizer import Tokenizer
@@ -45,13 +46,29 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], *,
                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                max_seq_len: int | None = None) -> Llama:
-    """Assign named checkpoint tensors into a meta-device `Llama`, checking every name and shape."""
+                max_seq_len: int | None = None, packed: Iterable[tuple[str, PackedWeight]] = ()) -> Llama:
+    """Assign named checkpoint tensors into a meta-device `Llama`, checking every name and shape. Weights in
+    `packed` become packed layers as they come (a packed embedding is read by row, and shared by a tied head),
+    so no dense copy of them is ever made."""
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
         model = Llama(config, max_seq_len=max_seq_len)
     expected = dict(model.named_parameters())  # a tied head is not listed twice
     seen = set()
+    for name, weight in packed:
+        if name not in expected or tuple(weight.codes.shape) != tuple(expected[name].shape):
+            raise ValueError(f"packed weight {name!r} {tuple(weight.codes.shape)} does not fit the model")
+        parent, _, _ = name.rpartition(".")
+        if name == "model.embed_tokens.weight":
+            table = PackedLinear.from_weight(weight, out_float=True)
+            model.model.embed_tokens = PackedEmbedding(table, dtype)
+            if config.tie_word_embeddings:
+                model.lm_head = table
+        else:
+            module = PackedLinear.from_weight(weight, out_float=name == "lm_head.weight")
+            grand, _, leaf = parent.rpartition(".")
+            setattr(model.get_submodule(grand) if grand else model, leaf, module)
+        seen.add(name)
     for name, tensor in tensors:
         if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
@@ -69,7 +86,8 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
-    model.tie_weights()
+    if not isinstance(model.model.embed_tokens, PackedEmbedding):
+        model.tie_weights()
     model.reset_rope(device)
     return model.eval()
 
@@ -84,16 +102,22 @@ def read_directory(directory: Path) -> tuple[ModelConfig, Tokenizer, Iterator[tu
     return config, Tokenizer.from_directory(directory), iter_safetensors(safetensors_files(directory))
 
 
-def read_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, torch.Tensor]]]:
-    from model.checkpoint.gguf import check_tensor_table, config_from_gguf, load_gguf_state_dict
+def read_gguf(path: Path, dtype: torch.dtype, pack: bool
+              ) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, torch.Tensor]], Iterator[tuple[str, PackedWeight]]]:
+    """A GGUF file's config, vocabulary, dense tensors and, when `pack`, the weights served packed as stored."""
+    from model.checkpoint.gguf import (check_tensor_table, config_from_gguf, gguf_packed_names, gguf_packed_weights,
+                                       load_gguf_state_dict)
     from model.checkpoint.gguf_file import GGUFFile
     from model.text.tokenizer import Tokenizer
 
     header = GGUFFile(path)  # parsed once, for the config, the tensor table and the vocabulary
     config = config_from_gguf(header)
     check_tensor_table(header)  # names, shapes and types, before anything is read
+    packed_names = gguf_packed_names(header) if pack else frozenset()
     # Dequantised straight to the serving dtype, so the cached copy needs no conversion at the next start.
-    return config, Tokenizer.from_gguf(header.metadata), iter(load_gguf_state_dict(path, dtype).items())
+    dense = load_gguf_state_dict(path, dtype, skip=packed_names)
+    return (config, Tokenizer.from_gguf(header.metadata), iter(dense.items()),
+            gguf_packed_weights(path) if pack else iter(()))
 
 
 def load(source: str | Path | None = None, *, device: torch.device | str = "cpu",
@@ -101,10 +125,9 @@ def load(source: str | Path | None = None, *, device: torch.device | str = "cpu"
          revision: str | None = None, quantization: str = "none") -> LoadedModel:
     """Load a model by what `source` names: None (the embedded default), a .gguf file, a directory, a repo id.
 
-    `quantization`: "none" keeps every weight dense in `dtype`; "int4" and "int8" serve linear layers from packed
-    4- or 8-bit codes (CPU only): a GGUF's Q4_0, Q4_1 and Q8_0 tensors exactly as stored, other float weights
-    quantised at load to that many bits (see `model.quant.quantize_model`); "auto" serves a GGUF's packed
-    tensors as stored on CPU, and quantises nothing else."""
+    `quantization`: "none" keeps every weight dense in `dtype`; "auto" serves a GGUF's tensors of the packed types
+    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) exactly as stored, on CPU, and quantises nothing else;
+    "int4" and "int8" also quantise the other float weights of linear layers at load to that many bits (CPU)."""
     from model.checkpoint.hub import looks_like_repo_id, resolve_repo
     from model.paths import default_gguf_path
 
@@ -113,23 +136,29 @@ def load(source: str | Path | None = None, *, device: torch.device | str = "cpu"
     if quantization in ("int4", "int8") and torch.device(device).type != "cpu":
         raise ValueError(f"--quantization {quantization} runs on CPU kernels; on a GPU use --quantization none")
     start = time.perf_counter()
+    pack = quantization != "none" and torch.device(device).type == "cpu"
+    if pack and packed_linear_kernel() is None:
+        log.warning("no packed linear kernel on this machine (it needs a C compiler and AVX-512 BF16): weights "
+                    "stay dense")
+        pack, quantization = False, "none"
     path = Path(source) if source is not None else default_gguf_path()
+    packed: Iterator[tuple[str, PackedWeight]] = iter(())
     if path.is_file():
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":
                 raise ValueError(f"{path} is not a GGUF file; pass a .gguf file, a model directory or a Hub repo id")
-        config, tokenizer, tensors = read_gguf(path, dtype or default_dtype(device))
+        config, tokenizer, tensors, packed = read_gguf(path, dtype or default_dtype(device), pack)
     elif path.is_dir():
         config, tokenizer, tensors = read_directory(path)
     elif looks_like_repo_id(str(source)):
         config, tokenizer, tensors = read_directory(resolve_repo(str(source), revision=revision))
     else:
         raise ValueError(f"model {str(source)!r} is neither a file, a directory nor a Hugging Face repo id")
-    model = build_model(config, tensors, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    model = build_model(config, tensors, device=device, dtype=dtype, max_seq_len=max_seq_len, packed=packed)
+    if pack:
+        _quantize(model, {"int4": 4, "int8": 8}.get(quantization), path if path.is_file() else None)
     if quantization == "auto":
-        quantization = "packed" if torch.device(device).type == "cpu" and _has_packed_tensors(path) else "none"
-    if quantization != "none":
-        _quantize(model, path if path.is_file() else None, {"int4": 4, "int8": 8}.get(quantization))
+        quantization = "packed" if any(isinstance(m, PackedLinear) for m in model.modules()) else "none"
     return LoadedModel(model, tokenizer, config, str(source if source is not None else path),
                        time.perf_counter() - start, quantization)
 
@@ -139,23 +168,16 @@ def _names(model: nn.Module, *modules: nn.Module) -> list[str]:
     return [names.get(id(m), "") for m in modules]
 
 
-def _has_packed_tensors(path: Path) -> bool:
-    from model.checkpoint.gguf import PACKED_TYPES
-    from model.checkpoint.gguf_file import GGUFFile
+def _quantize(model: Llama, bits: int | None, gguf_path: Path | None) -> None:
+    """Float weights quantised to `bits` (None: kept dense) beside the layers already packed as stored; q/k/v and
+    gate/up fused where they share a format. A float output head is quantised to 8 bits at most: at 4 (groups of
+    32) it changed too many next-token choices (see the README)."""
+    from model.checkpoint.gguf import gguf_tensor_types
 
-    return path.is_file() and any(t.qtype in PACKED_TYPES for t in GGUFFile(path).tensors.values())
-
-
-def _quantize(model: Llama, gguf_path: Path | None, bits: int | None) -> None:
-    """Packed layers: a GGUF's packed tensors as stored, then float weights quantised to `bits` (None: kept dense).
-    A float checkpoint's output head is quantised to 8 bits at most: at 4 (groups of 32) it changed too many
-    next-token choices (see the README)."""
-    from model.checkpoint.gguf import gguf_packed_weights, gguf_tensor_types
-
-    stored = gguf_packed_weights(gguf_path) if gguf_path is not None else {}
-    done = quantize_model(model, stored, bits, only={name for name, m in model.named_modules()
-                                                     if isinstance(m, nn.Linear) and name != "lm_head"})
-    done |= quantize_model(model, stored, 8 if bits else None, only={"lm_head"})
+    done = {name: f"{m.bits}-bit as stored" for name, m in model.named_modules() if isinstance(m, PackedLinear)}
+    done |= quantize_model(model, None, bits, only={name for name, m in model.named_modules()
+                                                    if isinstance(m, nn.Linear) and name != "lm_head"})
+    done |= quantize_model(model, None, 8 if bits else None, only={"lm_head"})
     for block in model.model.layers:
         attention, mlp = block.self_attn, block.mlp
         if all(name in done for name in _names(model, attention.q_proj, attention.k_proj, attention.v_proj)):

@@ -1,223 +1,280 @@
-"""Weight-only quantised linear layers (4- and 8-bit codes, one scale per group of 32) and the ways to fill them.
+"""Weight-only quantised linear layers, served exactly as a GGUF stores them, and the ways to fill them.
 
-A 4-bit weight is `q * scale + offset` for a code q in [0, 16), an 8-bit one `q * scale` for q in [-127, 127],
-with one scale (and offset) per group of 32 input features. llama.cpp's blocks are exactly this: Q4_0 is
-`(q - 8) d` (scale d, offset -8d), Q4_1 is `q d + m` (scale d, offset m), Q8_0 is `q d`. So a GGUF's Q4_0, Q4_1
-and Q8_0 tensors are served as they are, and any float weight can be quantised to either form.
-
-Generated tokens are multiplied on the packed codes by our own CPU kernel (model/kernels/packed_linear.c, through
-the op `llama3::packed_linear`): the codes are exact in bfloat16, each group's dot product runs on AVX-512 BF16
-in float32, and its scale is applied once per group in float32. It computes every row on its own, so a row's
-result does not depend on the batch. Prompt tokens come hundreds at a time, where a dense bfloat16 matrix is
-faster, so a layer may also keep a dense copy for them (see `PackedLinear.forward`). Without the kernel (no C
-compiler, no AVX-512 BF16), every row uses the dense weight.
+A weight is a code times a scale plus an offset, per group of 32 input features (16 for Q6_K). Three kinds of
+scales cover llama.cpp's types (model/checkpoint/gguf_blocks.py decodes them):
+  LEGACY  scale d and offset m per group, float16                      Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+  K32     scale D a, offset M b: D, M float16 per 256, a, b bytes per 32  Q4_K, Q5_K
+  K16     scale D a, offset M a per half group: a a signed byte, M = -32 D  Q6_K
+Codes are 4, 5, 6 or 8 bits. Every row, prompt or generated, is multiplied on the packed codes by our own CPU
+kernel (model/kernels/packed_linear.c, through the op `llama3::packed_linear`): the codes are exact in bfloat16,
+each half group's dot product runs on AVX-512 BF16 in float32, and the scales (products of a float16 and a byte,
+exact in float32) are applied once per half group. Every row is computed on its own, so a row's result does
+not depend on its batch, and no dense copy of a weight is kept. Where the kernel cannot run (no C compiler, no
+AVX-512 BF16) layers are not packed: loading keeps them dense.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
 from model.kernels.cpu import packed_linear_kernel
 
-GROUP_SIZE = 32  # llama.cpp's Q4_0/Q4_1/Q8_0 block
+GROUP_SIZE = 32  # input features per group of scales (Q6_K's halves are 16)
 TILE = 16        # output features per tile of the kernel's layout
+SUPER = 256      # input features per super-block of the K kinds
+LEGACY, K32, K16 = 0, 1, 2  # kinds of scales, as the kernel numbers them
 
 
 def packable(out_features: int, in_features: int) -> bool:
     return out_features % TILE == 0 and in_features % GROUP_SIZE == 0
 
 
-def _packed_linear(x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, bits: int, out_features: int,
-                   out_float: bool) -> torch.Tensor:
-    kernel = packed_linear_kernel(bits)
+@dataclass
+class PackedWeight:
+    """A quantised weight [N, K] in plain form: `codes` [N, K] (uint8 below 8 bits, int8 at 8), `d` and `m`
+    float16 [N, U] (U = K / 32 for LEGACY, K / 256 otherwise), `sub` uint8 [N, K / 32, 2] (K32: a, b; K16: the
+    two halves' a, signed) or None."""
+
+    bits: int
+    kind: int
+    codes: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+    sub: torch.Tensor | None = None
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each weight's scale and offset, [N, K] float32 (exact: products of a float16 and a byte)."""
+        d, m = self.d.float(), self.m.float()
+        if self.kind == LEGACY:
+            return d.repeat_interleave(GROUP_SIZE, 1), m.repeat_interleave(GROUP_SIZE, 1)
+        d, m = d.repeat_interleave(SUPER // 16, 1), m.repeat_interleave(SUPER // 16, 1)  # per half group
+        if self.kind == K32:
+            a, b = (self.sub[..., i].float().repeat_interleave(2, 1) for i in (0, 1))
+        else:
+            a = b = self.sub.view(torch.int8).reshape(self.sub.shape[0], -1).float()
+        return (d * a).repeat_interleave(16, 1), (m * b).repeat_interleave(16, 1)
+
+    def dequantize(self) -> torch.Tensor:
+        scale, offset = self.scales()
+        return self.codes.float() * scale + offset
+
+    def rows(self, index: torch.Tensor) -> PackedWeight:
+        """The weight's rows `index` (the Q/K row order of a GGUF is undone this way)."""
+        return PackedWeight(self.bits, self.kind, self.codes[index], self.d[index], self.m[index],
+                            None if self.sub is None else self.sub[index])
+
+
+def _packed_linear(x: torch.Tensor, codes: torch.Tensor, high: torch.Tensor, scales: torch.Tensor, sub: torch.Tensor,
+                   bits: int, kind: int, out_features: int, out_float: bool) -> torch.Tensor:
+    kernel = packed_linear_kernel()
     if kernel is None:
         raise RuntimeError("the packed linear kernel is not available on this machine")
-    return kernel(x, codes, params, out_features, torch.float32 if out_float else torch.bfloat16)
+    return kernel(x, codes, high, scales, sub, bits, kind, out_features, torch.float32 if out_float else torch.bfloat16)
 
 
 # A schema-defined op, so that a compiled decode step calls the kernel as one opaque node (see model/attention.py).
 _library = torch.library.Library("llama3", "FRAGMENT")
-_library.define("packed_linear(Tensor x, Tensor codes, Tensor params, int bits, int out_features, bool out_float)"
-                " -> Tensor")
+_library.define("packed_linear(Tensor x, Tensor codes, Tensor high, Tensor scales, Tensor sub, int bits, int kind, "
+                "int out_features, bool out_float) -> Tensor")
 _library.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("llama3::packed_linear")
-def _(x, codes, params, bits, out_features, out_float):
+def _(x, codes, high, scales, sub, bits, kind, out_features, out_float):
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32 if out_float else torch.bfloat16)
 
 
+def _tiled(x: torch.Tensor) -> torch.Tensor:
+    """[N, ...] -> [N / 16, ..., 16]: a tile's 16 features side by side, innermost."""
+    return x.reshape(x.shape[0] // TILE, TILE, *x.shape[1:]).movedim(1, -1)
+
+
+def _untiled(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_tiled`."""
+    x = x.movedim(-1, 1)
+    return x.reshape(x.shape[0] * TILE, *x.shape[2:])
+
+
+def _bit_masks(bit: torch.Tensor) -> torch.Tensor:
+    """[..., 32] of 0/1 -> [...] 32-bit masks, lane i in bit i, as int32."""
+    packed = np.packbits(bit.numpy().astype(bool), axis=-1, bitorder="little")  # [..., 4] bytes, little-endian
+    return torch.from_numpy(np.ascontiguousarray(packed).view(np.int32)[..., 0])
+
+
 class PackedLinear(nn.Module):
-    """y = x W^T with W as packed codes; `dense_weight`, when kept, serves the rows the caller marks as prompt rows
-    (and every row where the kernel cannot run). `out_float`: float32 outputs (the output head), else x's dtype."""
+    """y = x W^T with W packed in the kernel's layout (model/kernels/packed_linear.c). `out_float`: float32
+    outputs (the output head), else x's dtype."""
 
-    bits: int
-
-    def __init__(self, codes: torch.Tensor, params: torch.Tensor, in_features: int, out_features: int,
-                 dense_weight: torch.Tensor | None = None, out_float: bool = False):
+    def __init__(self, bits: int, kind: int, codes: torch.Tensor, high: torch.Tensor, scales: torch.Tensor,
+                 sub: torch.Tensor, in_features: int, out_features: int, out_float: bool = False):
         super().__init__()
+        self.bits, self.kind = bits, kind
         self.in_features, self.out_features, self.out_float = in_features, out_features, out_float
-        self.register_buffer("codes", codes)    # the kernel's layout, see model/kernels/packed_linear.c
-        self.register_buffer("params", params)  # float32 scales (and offsets), likewise
-        self.dense_weight = None if dense_weight is None else nn.Parameter(dense_weight, requires_grad=False)
+        self.register_buffer("codes", codes)    # [T, G, 8, 32] low nibbles, or [T, G, 16, 32] int8
+        self.register_buffer("high", high)      # [T, G, 8, planes] int32 bit masks (5 and 6 bits), else empty
+        self.register_buffer("scales", scales)  # [T, U, 2, 16] float16: d (or D), m (or M)
+        self.register_buffer("sub", sub)        # [T, G, 2, 16] uint8 sub-scales (K kinds), else empty
+
+    @classmethod
+    def from_weight(cls, w: PackedWeight, out_float: bool = False) -> PackedLinear:
+        N, K = w.codes.shape
+        if not packable(N, K) or (w.kind != LEGACY and K % SUPER):
+            raise ValueError(f"a packed weight needs N divisible by {TILE} and K by {GROUP_SIZE} "
+                             f"({SUPER} for K-quants); got {N} x {K}")
+        T, G = N // TILE, K // GROUP_SIZE
+        scales = _tiled(torch.stack([w.d, w.m], dim=1).to(torch.float16)).contiguous()  # [T, 2, U, 16] -> below
+        scales = scales.permute(0, 2, 1, 3).contiguous()                                    # [T, U, 2, 16]
+        sub = torch.empty(0, dtype=torch.uint8) if w.sub is None else _tiled(w.sub.to(torch.uint8)).contiguous()
+        if w.bits == 8:
+            # [T, 16 features, G, 16 pairs, 2] -> [T, G, 16 pairs, 16 features, 2]
+            codes = w.codes.to(torch.int8).reshape(T, TILE, G, 16, 2).permute(0, 2, 3, 1, 4).reshape(T, G, 16, 32)
+            return cls(8, w.kind, codes.contiguous(), torch.empty(0, dtype=torch.int32), scales, sub, K, N, out_float)
+        # [T, 16 features, G, 2 halves, 8 chunks, 2] -> [T, G, 8 chunks, 16 features, 2, 2 halves]: lane i of chunk c
+        # is feature i / 2 and input 2c + i % 2 of each half.
+        q = w.codes.to(torch.uint8).reshape(T, TILE, G, 2, 8, 2).permute(0, 2, 4, 1, 5, 3).reshape(T, G, 8, 32, 2)
+        codes = ((q[..., 0] & 15) | ((q[..., 1] & 15) << 4)).contiguous()
+        planes = [(q[..., half] >> bit) & 1 for bit in range(4, w.bits) for half in (0, 1)]
+        high = (torch.stack([_bit_masks(p) for p in planes], dim=-1).contiguous() if planes
+                else torch.empty(0, dtype=torch.int32))
+        return cls(w.bits, w.kind, codes, high, scales, sub, K, N, out_float)
+
+    def weight(self) -> PackedWeight:
+        """The plain form of the packed weight (the inverse of `from_weight`)."""
+        T, G = self.codes.shape[:2]
+        N, K = self.out_features, self.in_features
+        d, m = _untiled(self.scales.permute(0, 2, 1, 3)).unbind(1)                      # [N, U] each
+        sub = None if self.kind == LEGACY else _untiled(self.sub)                       # [N, G, 2]
+        if self.bits == 8:
+            codes = self.codes.reshape(T, G, 16, TILE, 2).permute(0, 3, 1, 2, 4).reshape(N, K)
+            return PackedWeight(8, self.kind, codes.contiguous(), d, m, sub)
+        low = torch.stack([self.codes & 15, self.codes >> 4], dim=-1)                    # [T, G, 8, 32, 2]
+        for plane, bit in enumerate(range(4, self.bits)):
+            for half in (0, 1):
+                masks = self.high[..., plane * 2 + half].to(torch.int64) & 0xFFFFFFFF          # [T, G, 8]
+                bits = (masks[..., None] >> torch.arange(32)) & 1                        # [T, G, 8, 32]
+                low[..., half] |= (bits << bit).to(torch.uint8)
+        codes = low.reshape(T, G, 8, TILE, 2, 2).permute(0, 3, 1, 5, 2, 4).reshape(N, K)
+        return PackedWeight(self.bits, self.kind, codes, d, m, sub)
 
     def dequantize(self) -> torch.Tensor:
         """The weight the codes stand for, [N, K] in float32."""
-        raise NotImplementedError
+        return self.weight().dequantize()
 
-    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` [n] of the weight, [n, K] in float32, read from the tiles without unpacking the rest."""
+        n, G = index.shape[0], self.codes.shape[1]
+        tile, feature = index // TILE, index % TILE
+        lanes = torch.stack([2 * feature, 2 * feature + 1], dim=-1)                       # [n, 2]: the row's lanes
+        d, m = self.scales[tile].gather(3, feature[:, None, None, None].expand(n, self.scales.shape[1], 2, 1)
+                                        ).squeeze(3).unbind(2)                          # [n, U] each
+        sub = None
+        if self.kind != LEGACY:
+            sub = self.sub[tile].gather(3, feature[:, None, None, None].expand(n, G, 2, 1)).squeeze(3)
+        if self.bits == 8:  # pair p, lane 2f + j: input 2p + j
+            q = self.codes[tile].gather(3, lanes[:, None, None, :].expand(n, G, 16, 2))  # [n, G, 16, 2]
+            return PackedWeight(8, self.kind, q.reshape(n, -1), d, m, sub).dequantize()
+        b = self.codes[tile].gather(3, lanes[:, None, None, :].expand(n, G, 8, 2))      # [n, G, 8 chunks, 2]
+        q = torch.stack([b & 15, b >> 4], dim=2)                                          # [n, G, 2 halves, 8, 2]
+        for plane, bit in enumerate(range(4, self.bits)):
+            masks = self.high[tile][..., 2 * plane:2 * plane + 2].to(torch.int64) & 0xFFFFFFFF  # [n, G, 8, halves]
+            bits = (masks[..., None] >> lanes[:, None, None, None, :]) & 1                # [n, G, 8, halves, 2]
+            q |= (bits.permute(0, 1, 3, 2, 4) << bit).to(torch.uint8)
+        return PackedWeight(self.bits, self.kind, q.reshape(n, -1), d, m, sub).dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, N]: every row on the packed codes."""
         x = x.to(torch.bfloat16)
+        args = (x, self.codes, self.high, self.scales, self.sub, self.bits, self.kind, self.out_features,
+                self.out_float)
         if torch.compiler.is_compiling():
-            return torch.ops.llama3.packed_linear.default(x, self.codes, self.params, self.bits, self.out_features,
-                                                          self.out_float)
-        return _packed_linear(x, self.codes, self.params, self.bits, self.out_features, self.out_float)
+            return torch.ops.llama3.packed_linear.default(*args)
+        return _packed_linear(*args)
 
-    def _dense_mm(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense_weight is None:  # no kernel and no dense copy: slow, but right
-            return x.float() @ self.dequantize().t()
-        return x.to(self.dense_weight.dtype) @ self.dense_weight.t()
-
-    def forward(self, x: torch.Tensor, num_packed_rows: int | None = None) -> torch.Tensor:
-        """x [M, K]. Rows from `num_packed_rows` on use the dense copy (when one is kept); None: all packed."""
-        dtype = torch.float32 if self.out_float else x.dtype
-        if not torch.compiler.is_compiling() and (x.device.type != "cpu" or packed_linear_kernel(self.bits) is None):
-            num_packed_rows = 0  # (a compiled step without the kernel fails when prepared, and runs eagerly)
-        elif self.dense_weight is None or num_packed_rows is None or num_packed_rows >= x.shape[0]:
-            return self._packed_mm(x).to(dtype)
-        if num_packed_rows == 0:
-            return self._dense_mm(x).to(dtype)
-        return torch.cat([self._packed_mm(x[:num_packed_rows]).to(dtype),
-                          self._dense_mm(x[num_packed_rows:]).to(dtype)])
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in (self.codes, self.high, self.scales, self.sub))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit groups of "
-                f"{GROUP_SIZE}{', float32 outputs' if self.out_float else ''}"
-                f"{', dense copy for prompts' if self.dense_weight is not None else ''}")
+        kind = {LEGACY: "groups of 32", K32: "K-quant groups of 32", K16: "K-quant groups of 16"}[self.kind]
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit {kind}"
+                f"{', float32 outputs' if self.out_float else ''}")
 
 
-class Int4Linear(PackedLinear):
-    bits = 4
+class PackedEmbedding(nn.Module):
+    """Token embeddings read from packed rows: no dense table is kept (a tied output head shares the codes)."""
 
-    @classmethod
-    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                   dense_weight: torch.Tensor | None = None, out_float: bool = False) -> Int4Linear:
-        """codes int [N, K] in [0, 16); scales, offsets [N, K / 32] for `q * scale + offset`."""
-        N, K = codes.shape
-        _check_shapes(codes, scales, offsets)
-        T, G = N // TILE, K // GROUP_SIZE
-        # [T, 16 features, G, 2 halves, 8 pairs, 2] -> [T, G, 8 pairs, 16 features, 2, 2 halves]: a byte holds an
-        # input feature of the group's first half in its low nibble and the matching one of the second half.
-        q = codes.to(torch.uint8).reshape(T, TILE, G, 2, 8, 2).permute(0, 2, 4, 1, 5, 3)
-        packed = (q[..., 0] | (q[..., 1] << 4)).reshape(T, G, 8, 32).contiguous()
-        params = torch.stack([_tiled(scales), _tiled(offsets)], dim=2).contiguous()  # [T, G, 2, 16]
-        return cls(packed, params, K, N, dense_weight, out_float)
+    def __init__(self, table: PackedLinear, dtype: torch.dtype):
+        super().__init__()
+        self.table, self.dtype = table, dtype
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
 
-    def dequantize(self) -> torch.Tensor:
-        T, G = self.codes.shape[:2]
-        low, high = (self.codes & 0x0F).reshape(T, G, 8, TILE, 2), (self.codes >> 4).reshape(T, G, 8, TILE, 2)
-        q = torch.stack([low, high], dim=-1).permute(0, 3, 1, 5, 2, 4).reshape(self.out_features, self.in_features)
-        scales, offsets = (_untiled(self.params[:, :, i]).repeat_interleave(GROUP_SIZE, 1) for i in (0, 1))
-        return q.float() * scales + offsets
-
-
-class Int8Linear(PackedLinear):
-    bits = 8
-
-    @classmethod
-    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, dense_weight: torch.Tensor | None = None,
-                   out_float: bool = False) -> Int8Linear:
-        """codes int [N, K] in [-127, 127]; scales [N, K / 32] for `q * scale`."""
-        N, K = codes.shape
-        _check_shapes(codes, scales, scales)
-        T, G = N // TILE, K // GROUP_SIZE
-        # [T, 16 features, G, 16 pairs, 2] -> [T, G, 16 pairs, 16 features, 2]
-        packed = codes.to(torch.int8).reshape(T, TILE, G, 16, 2).permute(0, 2, 3, 1, 4).reshape(T, G, 16, 32)
-        return cls(packed.contiguous(), _tiled(scales).contiguous(), K, N, dense_weight, out_float)
-
-    def dequantize(self) -> torch.Tensor:
-        T, G = self.codes.shape[:2]
-        q = self.codes.reshape(T, G, 16, TILE, 2).permute(0, 3, 1, 2, 4).reshape(self.out_features, self.in_features)
-        return q.float() * _untiled(self.params).repeat_interleave(GROUP_SIZE, 1)
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.rows(ids.reshape(-1)).to(self.dtype).reshape(*ids.shape, self.embedding_dim)
 
 
 def fuse(layers: list[PackedLinear]) -> PackedLinear | None:
     """One packed layer whose output is the given layers' outputs side by side (q, k and v; gate and up), so a
-    step calls the kernel once for them; None if they cannot be fused. The given layers keep working: their
-    buffers become views of the fused layer's, so nothing is stored twice."""
+    step calls the kernel once for them; None if they cannot be fused (different formats). The given layers keep
+    working: their buffers become views of the fused layer's, so nothing is stored twice."""
     first = layers[0]
-    if any(type(l) is not type(first) or l.in_features != first.in_features or l.out_float != first.out_float
-           or (l.dense_weight is None) != (first.dense_weight is None) for l in layers):
+    if any((l.bits, l.kind, l.in_features, l.out_float) != (first.bits, first.kind, first.in_features,
+                                                           first.out_float) for l in layers):
         return None
-    codes, params = torch.cat([l.codes for l in layers]), torch.cat([l.params for l in layers])  # tile-major
-    dense = None if first.dense_weight is None else torch.cat([l.dense_weight.detach() for l in layers])
-    fused = type(first)(codes, params, first.in_features, sum(l.out_features for l in layers), dense, first.out_float)
-    tiles = rows = 0
+    names = ("codes", "high", "scales", "sub")
+    joined = {n: torch.cat([getattr(l, n) for l in layers]) for n in names}  # tile-major
+    fused = PackedLinear(first.bits, first.kind, *joined.values(), first.in_features,
+                         sum(l.out_features for l in layers), first.out_float)
+    tiles = 0
     for layer in layers:
-        n = layer.out_features
-        layer.codes, layer.params = codes[tiles:tiles + n // TILE], params[tiles:tiles + n // TILE]
-        if dense is not None:
-            layer.dense_weight = nn.Parameter(dense[rows:rows + n], requires_grad=False)
-        tiles, rows = tiles + n // TILE, rows + n
+        n = layer.out_features // TILE
+        for name in names:
+            if joined[name].numel():
+                setattr(layer, name, joined[name][tiles:tiles + n])
+        tiles += n
     return fused
 
 
-def _check_shapes(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> None:
-    N, K = codes.shape
-    if not packable(N, K) or scales.shape != (N, K // GROUP_SIZE) or offsets.shape != scales.shape:
-        raise ValueError(f"a packed weight needs [N, K] codes with N divisible by {TILE} and K by {GROUP_SIZE}, "
-                         f"and [N, K / {GROUP_SIZE}] scales; got {tuple(codes.shape)} and {tuple(scales.shape)}")
-
-
-def _tiled(x: torch.Tensor) -> torch.Tensor:
-    """[N, G] -> [N / 16, G, 16] float32."""
-    N, G = x.shape
-    return x.float().reshape(N // TILE, TILE, G).permute(0, 2, 1)
-
-
-def _untiled(x: torch.Tensor) -> torch.Tensor:
-    """[N / 16, G, 16] -> [N, G]."""
-    T, G, _ = x.shape
-    return x.permute(0, 2, 1).reshape(T * TILE, G)
-
-
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes [N, K], scales and offsets [N, K / 32] such that codes * scale + offset ≈ weight (min/max per group)."""
+def quantize_int4(weight: torch.Tensor) -> PackedWeight:
+    """Asymmetric min/max quantisation to 4 bits, 32 input features per group, float16 scale and offset (as
+    llama.cpp's Q4_1): codes * scale + offset ≈ weight."""
     N, K = weight.shape
     if K % GROUP_SIZE:
         raise ValueError(f"int4 quantisation needs in_features divisible by {GROUP_SIZE}, got {K}")
     w = weight.float().reshape(N, K // GROUP_SIZE, GROUP_SIZE)
     lo, hi = w.amin(-1), w.amax(-1)                                       # [N, K / 32]
-    scales = ((hi - lo) / 15).clamp_min(1e-10)
-    codes = ((w - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
-    return codes.reshape(N, K), scales, lo
+    d = ((hi - lo) / 15).clamp_min(1e-7).to(torch.float16)
+    m = lo.to(torch.float16)
+    codes = ((w - m.float()[..., None]) / d.float()[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return PackedWeight(4, LEGACY, codes.reshape(N, K), d, m)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes [N, K] in [-127, 127] and scales [N, K / 32] such that codes * scale ≈ weight (absmax per group)."""
+def quantize_int8(weight: torch.Tensor) -> PackedWeight:
+    """Symmetric absmax quantisation to 8 bits, 32 input features per group, float16 scale (llama.cpp's Q8_0)."""
     N, K = weight.shape
     if K % GROUP_SIZE:
         raise ValueError(f"int8 quantisation needs in_features divisible by {GROUP_SIZE}, got {K}")
     w = weight.float().reshape(N, K // GROUP_SIZE, GROUP_SIZE)
-    scales = w.abs().amax(-1) / 127                                       # [N, K / 32]
-    codes = (w / scales.clamp_min(1e-30)[..., None]).round().clamp(-127, 127).to(torch.int32)
-    return codes.reshape(N, K), scales
+    d = (w.abs().amax(-1) / 127).clamp_min(1e-7).to(torch.float16)
+    codes = (w / d.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return PackedWeight(8, LEGACY, codes.reshape(N, K), d, torch.zeros_like(d))
 
 
-# auto: a GGUF's 4- and 8-bit tensors as stored, on CPU; none: dense; int4 / int8: also quantise float weights
+# auto: a GGUF's packed types as stored, on CPU; none: dense; int4 / int8: also quantise float weights
 QUANTIZATIONS = ("auto", "none", "int4", "int8")
 
 
-def quantize_model(model: nn.Module, stored: dict[str, tuple[torch.Tensor, ...]] | None, quantize_to: int | None,
-                   only: set[str] | None = None, keep_dense: bool = True) -> dict[str, str]:
+def quantize_model(model: nn.Module, stored: dict[str, PackedWeight] | None, quantize_to: int | None,
+                   only: set[str] | None = None) -> dict[str, str]:
     """Replace the model's linear layers with packed ones, in place; returns {layer name: how}.
 
-    A layer whose checkpoint weight is stored packed (`stored`, keyed by weight name: (codes, scales, offsets)
-    at 4 bits, (codes, scales) at 8) is served exactly as stored. Others are quantised from their float weight to
-    `quantize_to` bits, when given, else left dense. The output head is a linear like the others, also when it
-    shares the embedding's weight (the embedding stays dense for its lookups); its outputs are float32.
-    `only` limits the change to the layers it names. `keep_dense` keeps each layer's float weight too, in
-    bfloat16, for prompt tokens (a tied head uses the embedding itself)."""
+    A layer whose checkpoint weight is stored packed (`stored`, keyed by weight name) is served exactly as stored.
+    Others are quantised from their float weight to `quantize_to` bits, when given, else left dense. The output
+    head is a linear like the others, also when it shares the embedding's weight; its outputs are float32.
+    `only` limits the change to the layers it names."""
     stored = stored or {}
     done = {}
     for name, module in list(model.named_modules()):
@@ -226,18 +283,13 @@ def quantize_model(model: nn.Module, stored: dict[str, tuple[torch.Tensor, ...]]
         weight = module.weight.detach()
         if not packable(*weight.shape):
             continue
-        dense = (weight if weight.dtype == torch.bfloat16 else weight.to(torch.bfloat16)) if keep_dense else None
-        out_float = name == "lm_head"
-        parts = stored.get(f"{name}.weight")
-        if parts is not None:
-            layer = (Int4Linear if len(parts) == 3 else Int8Linear).from_codes(*parts, dense, out_float)
-            how = "as stored"
-        elif quantize_to == 4:
-            layer, how = Int4Linear.from_codes(*quantize_int4(weight), dense, out_float), "quantised at load"
-        elif quantize_to == 8:
-            layer, how = Int8Linear.from_codes(*quantize_int8(weight), dense, out_float), "quantised at load"
-        else:
+        packed = stored.get(f"{name}.weight")
+        how = "as stored"
+        if packed is None and quantize_to in (4, 8):
+            packed, how = (quantize_int4 if quantize_to == 4 else quantize_int8)(weight), "quantised at load"
+        if packed is None:
             continue
+        layer = PackedLinear.from_weight(packed, out_float=name == "lm_head")
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, layer)
         done[name] = f"{layer.bits}-bit {how}"

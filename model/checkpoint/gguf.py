@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from model.checkpoint.gguf_blocks import gguf_q4_codes, gguf_q8_codes
+from model.checkpoint.gguf_blocks import PACKED_TYPES, decode
 from model.checkpoint.gguf_cache import cache_file, read_cache, source_stamp, write_cache
 from model.checkpoint.gguf_file import GGUFFile, GGUFTensorInfo
 from model.config import ModelConfig, RopeScaling
+from model.quant import PackedWeight
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +217,14 @@ def _unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _converted(file: GGUFFile, dtype: torch.dtype
+def _converted(file: GGUFFile, dtype: torch.dtype, skip: frozenset[str] = frozenset()
                ) -> tuple[dict[str, tuple[int, ...]], Iterator[tuple[str, torch.Tensor]]]:
     """The state dict's layout (HF name -> shape), and its tensors converted one at a time, so that only
-    one tensor exists in two forms at once. The file is checked before this returns."""
+    one tensor exists in two forms at once; the HF names in `skip` are left out. The file is checked before
+    this returns."""
     plan = _tensor_plan(config_from_gguf(file))
     _check_tensors(file, plan)
+    plan = {name: entry for name, entry in plan.items() if entry[0] not in skip}
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, (hf_name, _, rotary_heads) in plan.items():
@@ -232,8 +235,10 @@ def _converted(file: GGUFFile, dtype: torch.dtype
 
 
 def load_gguf_state_dict(path: str | PathLike, dtype: torch.dtype = torch.float32, *,
-                         cache_dir: str | PathLike | None = None, use_cache: bool = True) -> dict[str, torch.Tensor]:
-    """The weights of a llama GGUF file as a Hugging Face-named state dict of `dtype` tensors.
+                         skip: frozenset[str] = frozenset(), cache_dir: str | PathLike | None = None,
+                         use_cache: bool = True) -> dict[str, torch.Tensor]:
+    """The weights of a llama GGUF file as a Hugging Face-named state dict of `dtype` tensors, but for the names in
+    `skip` (the weights served packed, as stored).
 
     Dequantising takes over a second for a 135M model, so the result is kept as a safetensors file under `cache_dir`
     (default `$LLAMA3_SERVER_CACHE` or ~/.cache/llama3-server) and memory-mapped on later loads.
@@ -241,52 +246,46 @@ def load_gguf_state_dict(path: str | PathLike, dtype: torch.dtype = torch.float3
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     if not use_cache:
-        return dict(_converted(GGUFFile(path), dtype)[1])
+        return dict(_converted(GGUFFile(path), dtype, skip)[1])
     try:
-        target, stamp = cache_file(path, dtype, cache_dir), source_stamp(path, dtype)
+        target, stamp = cache_file(path, dtype, cache_dir, skip), source_stamp(path, dtype, skip)
     except OSError as e:
         raise ValueError(f"cannot read {path} as a GGUF file: {e}") from None
     if (cached := read_cache(target, stamp)) is not None:
         return cached
     file = GGUFFile(path)
-    layout, tensors = _converted(file, dtype)
+    layout, tensors = _converted(file, dtype, skip)
     try:
         write_cache(target, stamp, layout, tensors)
         if (cached := read_cache(target, stamp)) is not None:
             return cached
     except OSError as e:
         log.warning("cannot write the weight cache %s (%s); loading without it", target, e)
-    return dict(_converted(file, dtype)[1])
+    return dict(_converted(file, dtype, skip)[1])
 
 
-INT4_TYPES = {Q.Q4_0: "Q4_0", Q.Q4_1: "Q4_1"}
-PACKED_TYPES = {**INT4_TYPES, Q.Q8_0: "Q8_0"}
+def gguf_packed_names(file: GGUFFile) -> frozenset[str]:
+    """The HF names of the weights a GGUF file stores in a type served packed (PACKED_TYPES)."""
+    plan = _tensor_plan(config_from_gguf(file))
+    return frozenset(hf_name for name, (hf_name, shape, _) in plan.items()
+                     if len(shape) == 2 and name in file.tensors and file.tensors[name].qtype in PACKED_TYPES)
 
 
-def gguf_packed_weights(path: str | PathLike) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The linear weights of a GGUF file that map exactly onto packed layers, as they are stored: HF name ->
-    (codes, scales, offsets) of a Q4_0/Q4_1 tensor, or (codes, scales) of a Q8_0 one (see `model.quant`),
-    Q/K rows un-permuted like the dequantised weights. Other types are left out (the caller keeps them dense).
-    A tied embedding is offered as the output head's weight (the embedding itself is looked up, not multiplied)."""
+def gguf_packed_weights(path: str | PathLike) -> Iterator[tuple[str, PackedWeight]]:
+    """The weights of a GGUF file stored in a type served packed (PACKED_TYPES), exactly as stored, one at a time:
+    (HF name, PackedWeight), Q/K rows un-permuted like the dequantised weights."""
     file = GGUFFile(path)
-    config = config_from_gguf(file)
-    plan = _tensor_plan(config)
+    plan = _tensor_plan(config_from_gguf(file))
     _check_tensors(file, plan)
-    weights = {}
+    names = gguf_packed_names(file)
     for name, (hf_name, _, rotary_heads) in plan.items():
-        info = file.tensors[name]
-        if info.qtype not in PACKED_TYPES:
+        if hf_name not in names:
             continue
-        if hf_name == "model.embed_tokens.weight":
-            if not config.tie_word_embeddings:
-                continue
-            hf_name = "lm_head.weight"
-        raw = file.tensor_bytes(info)
-        parts = gguf_q8_codes(raw) if info.qtype == Q.Q8_0 else gguf_q4_codes(raw, PACKED_TYPES[info.qtype])
+        info = file.tensors[name]
+        weight = decode(file.tensor_bytes(info), info.qtype)
         if rotary_heads is not None:
-            parts = tuple(_unpermute_rotary(t, rotary_heads) for t in parts)
-        weights[hf_name] = parts
-    return weights
+            weight = weight.rows(_unpermute_rotary(torch.arange(weight.codes.shape[0])[:, None], rotary_heads)[:, 0])
+        yield hf_name, weight
 
 
 def gguf_tensor_types(path: str | PathLike) -> dict[str, str]:

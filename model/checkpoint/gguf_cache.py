@@ -31,18 +31,20 @@ CACHE_FORMAT = "llama3-server/gguf-cache/1"
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def cache_file(source: str | PathLike, dtype: torch.dtype, cache_dir: str | PathLike | None = None) -> Path:
+def cache_file(source: str | PathLike, dtype: torch.dtype, cache_dir: str | PathLike | None = None,
+               skip: frozenset[str] = frozenset()) -> Path:
+    """One file per source, dtype and set of weights left out (those served packed)."""
     source = Path(source).resolve()
-    key = hashlib.sha256(str(source).encode()).hexdigest()[:16]
+    key = hashlib.sha256((str(source) + "\0" + "\0".join(sorted(skip))).encode()).hexdigest()[:16]
     return Path(cache_dir or default_cache_dir()) / f"{source.stem}-{key}-{_DTYPE_NAMES[dtype]}.safetensors"
 
 
-def source_stamp(source: str | PathLike, dtype: torch.dtype) -> dict[str, str]:
+def source_stamp(source: str | PathLike, dtype: torch.dtype, skip: frozenset[str] = frozenset()) -> dict[str, str]:
     """What a cache file must record to be used for `source` (safetensors metadata is str -> str)."""
     source = Path(source).resolve()
     st = source.stat()
     return {"format": CACHE_FORMAT, "source": str(source), "size": str(st.st_size),
-            "mtime_ns": str(st.st_mtime_ns), "dtype": _DTYPE_NAMES[dtype]}
+            "mtime_ns": str(st.st_mtime_ns), "dtype": _DTYPE_NAMES[dtype], "skip": ",".join(sorted(skip))}
 
 
 def read_cache(file: Path, stamp: Mapping[str, str]) -> dict[str, torch.Tensor] | None:

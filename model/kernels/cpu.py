@@ -95,26 +95,31 @@ def _has_avx512_bf16() -> bool:
 
 
 @functools.cache
-def packed_linear_kernel(bits: int):
-    """`fn(x, codes, params, out_features, out_dtype) -> y` for the layouts of packed_linear.c (x bfloat16
-    [M, K] on the CPU), or None where the kernel cannot run (no compiler, no AVX-512 BF16)."""
+def packed_linear_kernel():
+    """`fn(x, codes, high, scales, sub, bits, kind, out_features, out_dtype) -> y` for the layouts of
+    packed_linear.c (x bfloat16 [M, K] on the CPU), or None where the kernel cannot run (no compiler, no AVX-512
+    BF16)."""
     if not _has_avx512_bf16():
         return None
-    library = _library("packed_linear", "packed linear layers run on their dense weights")
+    library = _library("packed_linear", "linear layers stay dense")
     if library is None:
         return None
-    fn = getattr(library, f"packed_linear_w{bits}")
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    fn = library.packed_linear
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
-    def packed_linear(x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, out_features: int,
+    def packed_linear(x: torch.Tensor, codes: torch.Tensor, high: torch.Tensor, scales: torch.Tensor,
+                      sub: torch.Tensor, bits: int, kind: int, out_features: int,
                       out_dtype: torch.dtype) -> torch.Tensor:
         x = x.contiguous()
         M, K = x.shape
         out = torch.empty(M, out_features, dtype=out_dtype)
-        fn(x.data_ptr(), M, K, codes.data_ptr(), params.data_ptr(), out_features, out.data_ptr(),
-           int(out_dtype == torch.float32))
+        status = fn(x.data_ptr(), M, K, out_features, bits, kind, codes.data_ptr(),
+                    high.data_ptr() if high.numel() else None, scales.data_ptr(),
+                    sub.data_ptr() if sub.numel() else None, out.data_ptr(), int(out_dtype == torch.float32))
+        if status:
+            raise ValueError(f"the packed linear kernel has no code for {bits}-bit weights of kind {kind}")
         return out
 
     return packed_linear

@@ -61,7 +61,7 @@ class LLMEngine:
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         max_model_len = min(config.max_model_len, loaded.model.max_seq_len)
-        dtype = loaded.model.model.embed_tokens.weight.dtype
+        dtype = loaded.model.dtype
         num_blocks = kv_cache_blocks(config, loaded.model, max_model_len, dtype)
         if num_blocks * config.block_size < max_model_len:  # a sequence alone must always fit
             log.warning("the KV cache holds %d tokens, fewer than --max-model-len %d: sequences are limited to %d",

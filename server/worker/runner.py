@@ -24,7 +24,7 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(device)
         self.max_model_len = max_model_len
-        dtype = model.model.embed_tokens.weight.dtype  # the activations' dtype, whatever the linears store
+        dtype = model.dtype
         self.cache = KVCache(model.config, num_blocks, block_size, dtype=dtype, device=self.device)
         self.sampler = Sampler(num_slots, model.config.vocab_size, self.device, seed=seed)
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %s, %.1f MiB", num_blocks, block_size,

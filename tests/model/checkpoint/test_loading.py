@@ -408,16 +408,16 @@ def test_float_checkpoint_opts_into_int4_at_load(tmp_path):
     """`quantization="int4"` on a safetensors checkpoint: every decoder linear becomes packed int4 within half a
     quantisation step of the checkpoint's weight, the output head int8, and generated tokens' logits equal
     transformers' run with those dequantised weights (up to bfloat16 activations in the packed layers)."""
-    from model.quant import GROUP_SIZE, Int4Linear, Int8Linear
+    from model.quant import GROUP_SIZE, PackedLinear
 
     state = write_checkpoint(tmp_path, LAYOUTS["single-untied"])
     loaded = load(str(tmp_path), quantization="int4")
-    layers = {name: m for name, m in loaded.model.named_modules() if isinstance(m, Int4Linear)}
+    layers = {name: m for name, m in loaded.model.named_modules() if isinstance(m, PackedLinear) and m.bits == 4}
     fused = {name for name in layers if name.endswith(("qkv_proj", "gate_up_proj"))}
     assert len(fused) == 2 * loaded.config.num_hidden_layers
     layers = {name: m for name, m in layers.items() if name not in fused}
     assert len(layers) == 7 * loaded.config.num_hidden_layers
-    assert isinstance(loaded.model.lm_head, Int8Linear)
+    assert isinstance(loaded.model.lm_head, PackedLinear) and loaded.model.lm_head.bits == 8
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     head = state["lm_head.weight"].float()
     step = head.reshape(head.shape[0], -1, GROUP_SIZE).abs().amax(-1).repeat_interleave(GROUP_SIZE, 1) / 127

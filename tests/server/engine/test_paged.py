@@ -18,7 +18,7 @@ BLOCK = 16
 
 
 def tight_engine(loaded, blocks: int, **overrides):
-    per_block = KVCache.bytes_per_token(loaded.config, loaded.model.model.embed_tokens.weight.dtype) * BLOCK
+    per_block = KVCache.bytes_per_token(loaded.config, loaded.model.dtype) * BLOCK
     return make_engine(loaded, kv_cache_memory=blocks * per_block, block_size=BLOCK, **overrides)
 
 
@@ -95,7 +95,7 @@ def test_decode_through_scattered_blocks_equals_one_contiguous_slot(smollm):
     """The same sequence, its K/V in one slot or in shuffled blocks of 16: the decode logits are the same bits
     (the kernel reads 16 keys at a time, never across a block), prefill logits equal within rounding."""
     model = smollm.model
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.dtype
     ids = smollm.tokenizer.encode("A paged cache keeps each sequence in blocks scattered over one pool, " * 3)
     n = len(ids)
     slot_cache = KVCache(model.config, 1, 256, dtype=dtype)

@@ -19,12 +19,12 @@ def smollm_int4():
     return load(None, dtype=torch.bfloat16, quantization="auto")
 
 
-def test_auto_quantization_serves_the_gguf_4bit_tensors_as_int4(smollm_int4):
+def test_auto_quantization_serves_the_gguf_tensors_packed_as_stored(smollm_int4):
     assert smollm_int4.quantization == "packed"
     layer = smollm_int4.model.model.layers[0]
-    assert type(layer.self_attn.q_proj).__name__ == "Int4Linear"
-    assert type(layer.mlp.down_proj).__name__ == "Int4Linear"
-    assert type(smollm_int4.model.lm_head).__name__ == "Int8Linear"  # the tied Q8_0 embedding, as stored
+    assert (layer.self_attn.qkv_proj.bits, layer.mlp.down_proj.bits) == (4, 4)  # Q4_1 as stored, q/k/v fused
+    head = smollm_int4.model.lm_head
+    assert head.bits == 8 and head is smollm_int4.model.model.embed_tokens.table  # the tied Q8_0 embedding
 
 
 @pytest.mark.slow
@@ -51,7 +51,8 @@ def test_default_configuration_is_batch_invariant_and_compiled(smollm_int4):
 @pytest.mark.slow
 def test_compiled_decode_step_agrees_with_eager_and_answers(smollm_int4):
     """Teacher-forced over a real text, the compiled step picks the eager step's next token almost everywhere
-    (bfloat16 fusions round differently, so not bit for bit), and greedy chat still answers correctly."""
+    (bfloat16 fusions round differently, so not bit for bit: about 2.5% of the logits' norm, as the eager and the
+    compiled caches drift apart over the text), and greedy chat still answers correctly."""
     tok = smollm_int4.tokenizer
     ids = tok.encode("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
                      "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
@@ -66,13 +67,14 @@ def test_compiled_decode_step_agrees_with_eager_and_answers(smollm_int4):
     table = tuple(range(40, 56))  # 16 blocks of the runner's pool, 256 tokens
     size = runner.cache.block_size
     model(ForwardBatch.build([SequenceChunk(0, 0, ids[:1], blocks=table)], block_size=size), runner.cache)
-    agree = 0
+    agree, errors = 0, []
     for position in range(1, len(ids)):
         eager = model(ForwardBatch.build([SequenceChunk(0, position, [ids[position]], decode=True)]), eager_cache)
         compiled = step.run([ids[position]], [position], [table])
         agree += int(eager.argmax(-1) == compiled.argmax(-1))
-        torch.testing.assert_close(compiled, eager, atol=1.0, rtol=0.1)
+        errors.append(((compiled - eager).norm() / eager.norm()).item())
     assert agree >= 0.95 * (len(ids) - 1)
+    assert max(errors) < 0.15 and sum(errors) / len(errors) < 0.04, errors  # relative to the logits' norm
 
     from model.text.chat_template import render_chat
     text = render_chat(tok.chat_template, [{"role": "user", "content": "What is the capital of France?"}],
