@@ -1,7 +1,18 @@
-"""What the prepared decode steps share: the decode table and the ladder lookup."""
+"""What the prepared decode steps share: the decode table and the ladder lookup; compiled steps of two models."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
+from model.batch import ForwardBatch, SequenceChunk
+from model.config import ModelConfig
+from model.kernels.cpu import packed_linear_kernel
+from model.kv_cache import KVCache
+from model.llama import Llama
+from model.loading import build_model
+from model.quant import quantize_model
+from server.worker.decode.compiled import CompiledDecode
 from server.worker.decode.step import DecodeStep, decode_table
 
 BLOCK = 16
@@ -19,3 +30,35 @@ def test_size_for_is_the_smallest_prepared_size_that_holds_the_batch():
     step = DecodeStep(model=None, cache=None, max_batch=20, device=None, sizes=[8, 1, 20, 4, 2, 16])
     assert [step.size_for(n) for n in (1, 2, 3, 5, 8, 9, 17, 20)] == [1, 2, 4, 8, 8, 16, 20, 20]
     assert step.size_for(21) is None
+
+
+def _tiny_packed_model(layers: int, bits: int) -> Llama:
+    """A random two-head model, its linear layers quantised to `bits` (the packed kernel's path)."""
+    config = ModelConfig(vocab_size=256, hidden_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=128, max_position_embeddings=256,
+                         tie_word_embeddings=False, name=f"tiny-{layers}-{bits}")
+    gen = torch.Generator().manual_seed(bits)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Llama(config).named_parameters()}
+    state = {name: torch.ones(shape) if "norm" in name else torch.randn(shape, generator=gen) * 0.2
+             for name, shape in shapes.items()}
+    model = build_model(config, state.items(), dtype=torch.bfloat16)
+    quantize_model(model, None, bits)
+    return model
+
+
+@pytest.mark.skipif(packed_linear_kernel() is None, reason="needs the packed linear kernel")
+def test_two_compiled_steps_in_one_process_each_run_their_own_model():
+    """Compiled graphs are cached per code object and the module guards are skipped: a second model compiled in
+    the same process (a draft beside a target, another test's model) must get its own graph, not the first's."""
+    for layers, bits in ((2, 4), (2, 8)):  # the same shapes, so only the weights' format tells them apart
+        model = _tiny_packed_model(layers, bits)
+        cache = KVCache(model.config, 4, BLOCK, dtype=torch.bfloat16)
+        step = CompiledDecode(model, cache, max_batch=2, device=torch.device("cpu"))
+        assert step.prepare(), (layers, bits)
+        eager_cache = KVCache(model.config, 4, BLOCK, dtype=torch.bfloat16)
+        for position, token in enumerate([3, 17, 42]):
+            compiled = step.run([token], [position], [(1,)])
+            eager = model(ForwardBatch.build([SequenceChunk(0, position, [token], blocks=(1,), decode=True)],
+                                             block_size=BLOCK), eager_cache)
+            assert ((compiled - eager).norm() / eager.norm()).item() < 0.05, (layers, bits, position)
