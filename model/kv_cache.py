@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from model.config import ModelConfig
@@ -23,8 +26,8 @@ class KVCache:
         self.block_size = block_size
         shape = (config.num_hidden_layers, num_blocks, config.num_key_value_heads, block_size, config.head_dim)
         # Zeroed, not just allocated: a masked NaN in rows attention gathers but ignores still poisons a softmax.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _zeros(shape, dtype, device)
+        self.v = _zeros(shape, dtype, device)
 
     @property
     def num_tokens(self) -> int:
@@ -38,3 +41,13 @@ class KVCache:
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * elem
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros that cost memory only as they are written, on the CPU: calloc's large blocks are fresh pages that the
+    OS zeroes when first touched, whereas torch.zeros writes every page at start-up (a cache sized for 16
+    sequences of 4,096 tokens would be resident before the first request)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)

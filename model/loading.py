@@ -6,6 +6,7 @@ a checkpoint never sits in memory twice.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -17,9 +18,16 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.llama import Llama
 from model.kernels.cpu import packed_linear_kernel
-from model.quant import QUANTIZATIONS, PackedEmbedding, PackedLinear, PackedWeight, fuse, quantize_model
+from model.llama import Llama
+from model.quant import (
+    QUANTIZATIONS,
+    PackedEmbedding,
+    PackedLinear,
+    PackedWeight,
+    fuse,
+    quantize_model,
+)
 
 if TYPE_CHECKING:
     from model.text.tokenizer import Tokenizer
@@ -105,8 +113,13 @@ def read_directory(directory: Path) -> tuple[ModelConfig, Tokenizer, Iterator[tu
 def read_gguf(path: Path, dtype: torch.dtype, pack: bool
               ) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, torch.Tensor]], Iterator[tuple[str, PackedWeight]]]:
     """A GGUF file's config, vocabulary, dense tensors and, when `pack`, the weights served packed as stored."""
-    from model.checkpoint.gguf import (check_tensor_table, config_from_gguf, gguf_packed_names, gguf_packed_weights,
-                                       load_gguf_state_dict)
+    from model.checkpoint.gguf import (
+        check_tensor_table,
+        config_from_gguf,
+        gguf_packed_names,
+        gguf_packed_weights,
+        load_gguf_state_dict,
+    )
     from model.checkpoint.gguf_file import GGUFFile
     from model.text.tokenizer import Tokenizer
 
@@ -159,8 +172,18 @@ def load(source: str | Path | None = None, *, device: torch.device | str = "cpu"
         _quantize(model, {"int4": 4, "int8": 8}.get(quantization), path if path.is_file() else None)
     if quantization == "auto":
         quantization = "packed" if any(isinstance(m, PackedLinear) for m in model.modules()) else "none"
+    _return_freed_memory()
     return LoadedModel(model, tokenizer, config, str(source if source is not None else path),
                        time.perf_counter() - start, quantization)
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the OS: glibc keeps what loading freed (about 0.4 GB of temporaries
+    after packing a 1B model), and the process's resident memory would stay that much above its weights."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _names(model: nn.Module, *modules: nn.Module) -> list[str]:

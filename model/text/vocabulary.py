@@ -25,9 +25,11 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 DIGIT_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
 DIGIT_RUN_PATTERN = DIGIT_PATTERN.replace(r"\p{N}|", r"\p{N}+|", 1)
 
-# tokenizer.ggml.pre -> regex, for the byte-level vocabularies whose splitting we reproduce exactly.
+# tokenizer.ggml.pre -> regex, for the byte-level vocabularies whose splitting we reproduce exactly. llama.cpp's
+# converter names Meta's Llama 3 tokenizer.json "smaug-bpe" when its hash matches that model's copy of it (the same
+# splitting regex as Llama 3's).
 GGUF_PRE_PATTERNS = {
-    "llama3": LLAMA3_PATTERN, "llama-v3": LLAMA3_PATTERN, "llama-bpe": LLAMA3_PATTERN,
+    "llama3": LLAMA3_PATTERN, "llama-v3": LLAMA3_PATTERN, "llama-bpe": LLAMA3_PATTERN, "smaug-bpe": LLAMA3_PATTERN,
     "gpt2": GPT2_PATTERN, "gpt-2": GPT2_PATTERN,
     "smollm": DIGIT_PATTERN, "starcoder": DIGIT_PATTERN,
 }

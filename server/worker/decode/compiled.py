@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import types
 
 import torch
 
@@ -30,15 +29,6 @@ def use_persistent_compile_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
 
 
-def _own_code(method: types.MethodType) -> types.MethodType:
-    """`method` over a copy of its code object. Dynamo keeps compiled graphs per code object, and with the module
-    guards skipped, two steps sharing one (two models in one process: a draft and a target model, or tests) would
-    run the first one's graph on the second one's model."""
-    fn = method.__func__
-    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    return types.MethodType(own, method.__self__)
-
-
 class CompiledDecode(DecodeStep):
     def __init__(self, model: Llama, cache: KVCache, max_batch: int, device: torch.device):
         super().__init__(model, cache, max_batch, device, sizes=list(range(1, max_batch + 1)))
@@ -46,7 +36,11 @@ class CompiledDecode(DecodeStep):
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         # The weights never change after loading, so guards on the modules would only cost time every step; a C++
         # wrapper calls the generated kernels without the Python interpreter (1.5 ms a step at batch 1).
-        self._compiled = torch.compile(_own_code(self._forward), fullgraph=True, options={
+        # Dynamo keeps state per process that, with the module guards skipped, let a second model compiled here
+        # (same shapes, another weight format: the next test's, a draft model's) run a graph traced for the first:
+        # each step starts from a clean Dynamo, so the step built last is the one to run.
+        torch._dynamo.reset()
+        self._compiled = torch.compile(self._forward, fullgraph=True, options={
             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
 
     def prepare(self) -> bool:
@@ -69,7 +63,9 @@ class CompiledDecode(DecodeStep):
         tokens, positions = self.input_ids[:size], self.positions[:size]
         tokens.copy_(rows[:, 0])
         positions.copy_(rows[:, 1])
-        host = rows[:, 2:].contiguous()  # [size, 1 + W]: read by the attention op on the host
+        # [size, 1 + W], read by the attention op on the host; a copy at offset 0 whatever the size (a one-row slice
+        # is already contiguous, and its offset would be guarded on: a second compilation)
+        host = rows[:, 2:].clone(memory_format=torch.contiguous_format)
         # The batch dimension stays symbolic, 1 included (an unbacked size is never specialised), so one graph,
         # the same generated code, serves every batch size; so does the table's width.
         for t in (tokens, positions, host):

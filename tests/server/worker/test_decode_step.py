@@ -49,8 +49,8 @@ def _tiny_packed_model(layers: int, bits: int) -> Llama:
 
 @pytest.mark.skipif(packed_linear_kernel() is None, reason="needs the packed linear kernel")
 def test_two_compiled_steps_in_one_process_each_run_their_own_model():
-    """Compiled graphs are cached per code object and the module guards are skipped: a second model compiled in
-    the same process (a draft beside a target, another test's model) must get its own graph, not the first's."""
+    """With the module guards skipped, a second model compiled in the same process (another test's model, a draft
+    model) must get a graph of its own, not the first one's."""
     for layers, bits in ((2, 4), (2, 8)):  # the same shapes, so only the weights' format tells them apart
         model = _tiny_packed_model(layers, bits)
         cache = KVCache(model.config, 4, BLOCK, dtype=torch.bfloat16)
