@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
+from collections.abc import Callable
 
 import torch
 
@@ -29,6 +31,9 @@ def use_persistent_compile_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
 
 
+_compiled_for: Callable[[], Llama | None] = lambda: None  # the model Dynamo's state was last built for
+
+
 class CompiledDecode(DecodeStep):
     def __init__(self, model: Llama, cache: KVCache, max_batch: int, device: torch.device):
         super().__init__(model, cache, max_batch, device, sizes=list(range(1, max_batch + 1)))
@@ -38,8 +43,12 @@ class CompiledDecode(DecodeStep):
         # wrapper calls the generated kernels without the Python interpreter (1.5 ms a step at batch 1).
         # Dynamo keeps state per process that, with the module guards skipped, let a second model compiled here
         # (same shapes, another weight format: the next test's, a draft model's) run a graph traced for the first:
-        # each step starts from a clean Dynamo, so the step built last is the one to run.
-        torch._dynamo.reset()
+        # a step for another model than the last one starts from a clean Dynamo (the step built last is the one to
+        # run); another step for the same model reuses its graph.
+        global _compiled_for
+        if _compiled_for() is not model:
+            torch._dynamo.reset()
+            _compiled_for = weakref.ref(model)
         self._compiled = torch.compile(self._forward, fullgraph=True, options={
             "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
 
