@@ -37,7 +37,7 @@ PROMPTS = (4, 8, 16)
 OURS, THEIRS = 8000, 8103
 
 sys.path.insert(0, str(ROOT))
-from bench.launch import wait_healthy  # noqa: E402
+from bench.launch import stop, wait_healthy  # noqa: E402
 
 
 def package_file(package: str, name: str) -> Path:
@@ -139,12 +139,7 @@ def race_one(label: str, path: Path | None, rounds: int, results: Path, python: 
                 resident = rss(server.pid)
                 summary = load_test(port, results / f"{label}-{name}-{round_}.json", python)
             finally:
-                server.terminate()
-                try:
-                    server.wait(30)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-                    server.wait()
+                stop(server)
             rows.append({"file": label, "server": name, "round": round_, "ready_s": ready, "rss": resident,
                          "summary": summary})
             print(f"  {label} {name} round {round_}: ready {ready:.0f} s, " + ", ".join(

@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from launch import wait_healthy  # noqa: E402
+from launch import stop, wait_healthy  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
 from model.llama import Llama  # noqa: E402
@@ -146,11 +146,7 @@ def section_server(ctx: dict) -> dict:
             if done.returncode != 0:
                 raise RuntimeError(f"the benchmark exited with {done.returncode}")
         finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
     # What the server said about its cache and its decode step, for the record.
     said = [line.strip()[:300] for line in log_path.read_text().splitlines()
             if any(k in line for k in ("KV cache", "CUDA memory", "decode step", "decoding eagerly"))]

@@ -1,4 +1,4 @@
-"""Waiting for a server that a bench script started: shared by the scripts that launch `python -m server`."""
+"""Waiting for, and stopping, a server that a bench script started: shared by the scripts that launch one."""
 
 from __future__ import annotations
 
@@ -22,3 +22,13 @@ def wait_healthy(url: str, server: subprocess.Popen, seconds: float) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
+
+
+def stop(server: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL if the server has not exited within `grace` seconds."""
+    server.terminate()
+    try:
+        server.wait(grace)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()

@@ -17,9 +17,9 @@ import time
 from model.loading import load
 from server.engine.config import EngineConfig
 from server.engine.grammar import GrammarCompiler
-from server.openai.constraints import json_schema_spec
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
+from server.openai.constraints import json_schema_spec
 from server.openai.tool_calls import tool_spec
 from server.worker.decode.compiled import use_persistent_compile_cache
 
