@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import mean
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = ROOT.parent / "shared" / "peers" / "llama-server.sh"
@@ -178,20 +179,17 @@ def main() -> None:
           + f" {'x bw':>5} {'TTFT16':>7} {'ready s':>7} {'RSS MB':>7} {'weights/file':>12}")
     for label, path in files.items():
         nbytes = tensor_bytes(path or default_gguf_path())
-        mine = [r for r in rows if r["file"] == label]
+        rates = {}
         for name in ("ours", "llama-server"):
-            runs = [r for r in mine if r["server"] == name]
-            rate = {c: sum(r["summary"][c]["output_token_throughput"] for r in runs) / len(runs) for c in LEVELS}
-            ttft = sum(r["summary"][16]["ttft_ms"]["median"] for r in runs) / len(runs)
+            runs = [r for r in rows if r["file"] == label and r["server"] == name]
+            rate = rates[name] = {c: mean(r["summary"][c]["output_token_throughput"] for r in runs) for c in LEVELS}
+            ttft = mean(r["summary"][16]["ttft_ms"]["median"] for r in runs)
             resident = max(r["rss"] for r in runs)
             share = f"{(resident - baseline) / nbytes:>12.2f}" if name == "ours" else f"{'':>12}"
             print(f"{label:<14} {nbytes / 1e6:>6.0f} {name:<13} " + " ".join(f"{rate[c]:>9.1f}" for c in LEVELS)
                   + f" {rate[1] * nbytes / (args.bandwidth * 1e9):>5.2f} {ttft:>7.0f}"
-                  + f" {sum(r['ready_s'] for r in runs) / len(runs):>7.0f} {resident / 1e6:>7.0f} {share}")
-        ours = {c: [r for r in mine if r["server"] == "ours"] for c in LEVELS}
-        ratio = ", ".join(
-            f"{c}: {sum(r['summary'][c]['output_token_throughput'] for r in ours[c]) / sum(r['summary'][c]['output_token_throughput'] for r in mine if r['server'] == 'llama-server'):.2f}x"
-            for c in LEVELS)
+                  + f" {mean(r['ready_s'] for r in runs):>7.0f} {resident / 1e6:>7.0f} {share}")
+        ratio = ", ".join(f"{c}: {rates['ours'][c] / rates['llama-server'][c]:.2f}x" for c in LEVELS)
         print(f"{'':<14} {'':>6} ours / llama-server: {ratio}")
 
 
