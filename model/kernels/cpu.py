@@ -31,21 +31,26 @@ _FUNCTIONS = {torch.bfloat16: "decode_attention_bf16", torch.float32: "decode_at
 
 
 @functools.cache
-def _library(name: str, fallback: str) -> ctypes.CDLL | None:
-    """{name}.c built and loaded; None, with a warning that says what runs instead (`fallback`)."""
+def _library(name: str, fallback: str, also: tuple[str, ...] = (), link: tuple[str, ...] = (),
+             mode: int = ctypes.DEFAULT_MODE) -> ctypes.CDLL | None:
+    """{name}.c (with the sources `also` beside it, and the linker flags `link`) built and loaded; None, with a
+    warning that says what runs instead (`fallback`)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler found: %s", fallback)
         return None
-    path = KERNELS / f"{name}.c"
-    key = hashlib.sha256(path.read_bytes() + " ".join([compiler, *FLAGS, platform.node()]).encode()).hexdigest()[:16]
+    paths = [KERNELS / f"{source}.c" for source in (name, *also)]
+    flags = [*FLAGS, *link]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in paths)
+                         + " ".join([compiler, *flags, platform.node()]).encode()).hexdigest()[:16]
     target = default_cache_dir() / "kernels" / f"{name}-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
         os.close(fd)
         try:
-            subprocess.run([compiler, *FLAGS, "-o", tmp, str(path)], check=True, capture_output=True, timeout=120)
+            subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, paths), *link], check=True, capture_output=True,
+                           timeout=120)
             os.replace(tmp, target)
         except (OSError, subprocess.SubprocessError) as e:
             Path(tmp).unlink(missing_ok=True)
@@ -53,7 +58,7 @@ def _library(name: str, fallback: str) -> ctypes.CDLL | None:
             log.warning("cannot build model/kernels/%s.c (%s %s): %s", name, e, detail.decode(errors="replace")[:200],
                         fallback)
             return None
-    return ctypes.CDLL(str(target))
+    return ctypes.CDLL(str(target), mode=mode)
 
 
 @functools.cache
@@ -123,3 +128,30 @@ def packed_linear_kernel():
         return out
 
     return packed_linear
+
+
+# The entry points of compiled_ops.c, as Inductor's C++ wrapper declares them: one per op, named after it.
+_COMPILED_OPS = {
+    "packed_linear": "AOTITorchError aoti_torch_cpu_packed_linear(AtenTensorHandle x, AtenTensorHandle codes, "
+                     "AtenTensorHandle high, AtenTensorHandle scales, AtenTensorHandle sub, int64_t bits, "
+                     "int64_t kind, int64_t out_features, int64_t out_float, AtenTensorHandle* ret)",
+    "decode_attention": "AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, "
+                        "AtenTensorHandle v, AtenTensorHandle k_cache, AtenTensorHandle v_cache, "
+                        "AtenTensorHandle tables, AtenTensorHandle* host, const char* impl, AtenTensorHandle* ret)",
+}
+
+
+@functools.cache
+def compiled_op_entry_points() -> dict | None:
+    """{op: [its C declaration]} for Inductor's `aot_inductor.custom_ops_to_c_shims`, with compiled_ops.c (and the
+    kernels it calls) loaded so that a compiled step's C++ wrapper finds the functions: the ops then cost a C call
+    each instead of a trip through Python. None where the kernels cannot run here."""
+    if decode_attention_kernel(torch.bfloat16) is None or packed_linear_kernel() is None:
+        return None
+    lib = Path(torch.__file__).resolve().parent / "lib"  # the aoti_torch_* functions are libtorch_cpu's
+    library = _library("compiled_ops", "compiled steps call the kernels through Python",
+                       also=("packed_linear", "decode_attention"),
+                       link=(f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}"), mode=ctypes.RTLD_GLOBAL)
+    if library is None:
+        return None
+    return {getattr(torch.ops.llama3, name).default: [declaration] for name, declaration in _COMPILED_OPS.items()}

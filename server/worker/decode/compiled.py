@@ -17,12 +17,19 @@ from collections.abc import Callable
 
 import torch
 
+from model.kernels.cpu import compiled_op_entry_points
 from model.kv_cache import KVCache
 from model.llama import Llama
 from model.paths import default_cache_dir
 from server.worker.decode.step import DecodeStep, decode_table
 
 log = logging.getLogger(__name__)
+
+
+# The entry points' table holds op handles, which the compile cache's key cannot pickle; the generated code is
+# the same either way but for calling them (a graph cached with them loads only where compiled_ops.c built).
+if "aot_inductor.custom_ops_to_c_shims" not in torch._inductor.config._cache_config_ignore_prefix:
+    torch._inductor.config._cache_config_ignore_prefix.append("aot_inductor.custom_ops_to_c_shims")
 
 
 def use_persistent_compile_cache() -> None:
@@ -40,7 +47,9 @@ class CompiledDecode(DecodeStep):
         self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         # The weights never change after loading, so guards on the modules would only cost time every step; a C++
-        # wrapper calls the generated kernels without the Python interpreter (1.5 ms a step at batch 1).
+        # wrapper calls the generated kernels without the Python interpreter (1.5 ms a step at batch 1). The wrapper
+        # is built apart from the kernels, at -O1: one -O3 file of both took 126 of a cold start's 190 s on the
+        # default model (81 s in all, same step times).
         # Dynamo keeps state per process that, with the module guards skipped, let a second model compiled here
         # (same shapes, another weight format: the next test's, a draft model's) run a graph traced for the first:
         # a step for another model than the last one starts from a clean Dynamo (the step built last is the one to
@@ -49,8 +58,14 @@ class CompiledDecode(DecodeStep):
         if _compiled_for() is not model:
             torch._dynamo.reset()
             _compiled_for = weakref.ref(model)
-        self._compiled = torch.compile(self._forward, fullgraph=True, options={
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True,
+                   "cpp_wrapper_build_separate": True}
+        # The wrapper calls the packed-linear and attention kernels as C functions (compiled_ops.c) rather than
+        # through the dispatcher and Python: about 150 calls a step on the default model.
+        entry_points = compiled_op_entry_points()
+        if entry_points is not None and all(layer.self_attn.impl == "sdpa" for layer in model.model.layers):
+            options["aot_inductor.custom_ops_to_c_shims"] = entry_points
+        self._compiled = torch.compile(self._forward, fullgraph=True, options=options)
 
     def prepare(self) -> bool:
         """Compile (or load from the disk cache) the step, running the smallest and largest sizes on padding rows
