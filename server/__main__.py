@@ -60,7 +60,8 @@ def draining_server():
 
     class DrainingServer(uvicorn.Server):
         """On SIGTERM: new requests get 503 with Retry-After (and /health 503, so a load balancer stops sending),
-        running requests finish for up to the grace period, then uvicorn shuts down and the process exits 0.
+        running requests finish for up to the grace period, then uvicorn shuts down and the process exits 0: a
+        request still running then is cut off, and the process is gone about a second after the grace period.
         SIGINT (Ctrl-C) stops at once, as uvicorn does."""
 
         def __init__(self, config, state, grace: float):
@@ -85,7 +86,10 @@ def draining_server():
                 if stats.running == 0 and stats.waiting == 0:
                     break
                 time.sleep(0.05)
-            self.should_exit = True  # uvicorn's own graceful shutdown then flushes the open responses
+            # uvicorn's own graceful shutdown then flushes the open responses within what is left of the same grace
+            # period (a second at least), so that SIGTERM to exit is one grace period, not two
+            self.config.timeout_graceful_shutdown = max(1.0, deadline - time.monotonic())
+            self.should_exit = True
 
     return DrainingServer
 
