@@ -6,8 +6,10 @@
  * result is the same whatever it is batched with. Every float sum runs in a fixed order.
  *
  * The cache is paged: a sequence's token t lives in row t % S of block table[t / S], for blocks of S tokens.
- * Each task first writes its sequence's new key and value at position len - 1, then attends over positions
- * [0, len). A row with len 0 is padding: nothing is written and its output is zero.
+ * Every row's new key and value are written at its position len - 1 first; then each task attends over positions
+ * [0, len). So rows that are successive positions of one sequence (several tokens verified in one step) each see
+ * the ones before them, as one step per token would. A row with len 0 is padding: nothing is written and its
+ * output is zero.
  *
  * Layouts (element strides are passed, so caches may be views):
  *   q, out              [B, Hkv, G, D]       contiguous
@@ -187,6 +189,19 @@ static void attend(const void *q, const void *k_new, const void *v_new, void *k,
                    const int64_t *host, int64_t W, int64_t B, int64_t Hkv, int64_t G, int64_t D, int64_t S,
                    int64_t block_stride, int64_t head_stride, float scale, int bf16) {
     const size_t elem = bf16 ? 2 : 4;
+    /* Every row's new key and value first, then the attention: a row may attend to another row's new token, when
+     * rows are successive positions of one sequence (verifying several proposed tokens in one step), exactly as
+     * if they had been decoded one step at a time. */
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t L = host[b * W], *table = host + b * W + 1;
+            if (L <= 0) continue;
+            const int64_t at = table[(L - 1) / S] * block_stride + h * head_stride + (L - 1) % S * D;
+            memcpy((char *)k + elem * at, (const char *)k_new + elem * (b * Hkv + h) * D, elem * (size_t)D);
+            memcpy((char *)v + elem * at, (const char *)v_new + elem * (b * Hkv + h) * D, elem * (size_t)D);
+        }
+    }
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < Hkv; h++) {
@@ -201,9 +216,6 @@ static void attend(const void *q, const void *k_new, const void *v_new, void *k,
                 keys[j] = (char *)k + elem * (table[j] * block_stride + h * head_stride);
                 values[j] = (char *)v + elem * (table[j] * block_stride + h * head_stride);
             }
-            const int64_t last = (L - 1) % S;
-            memcpy(keys[nb - 1] + elem * last * D, (const char *)k_new + elem * (b * Hkv + h) * D, elem * (size_t)D);
-            memcpy(values[nb - 1] + elem * last * D, (const char *)v_new + elem * (b * Hkv + h) * D, elem * (size_t)D);
 #ifdef __AVX512F__
             if (bf16 && D % 16 == 0 && G <= MAX_G && S % 16 == 0) {
                 float *scratch = malloc(sizeof(float) * (size_t)(G * D + G * ((L + 15) / 16 * 16)));
