@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from model.quant import QUANTIZATIONS
+from server.engine.speculation import SpeculativeConfig
 
 DEFAULT_KV_CACHE_MEMORY = 4 * 2**30  # bytes, off CUDA when --kv-cache-memory is not given
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # on CUDA when --kv-cache-memory is not given (vLLM's default)
@@ -74,6 +75,11 @@ class EngineConfig:
     seed: int = option(0, "seed of the sampler's generator, which requests that give no seed draw from: for a fixed "
                        "seed, the same requests sent one after another sample the same tokens")
     enable_prefix_caching: bool = option(True, "map a new prompt's leading full blocks onto cached ones")
+    speculative_config: str | None = option(
+        None, "speculative decoding, as vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": K, "
+        "\"prompt_lookup_max\": N, \"prompt_lookup_min\": M} (proposals from the request's own tokens, verified "
+        "in the decode step; greedy outputs unchanged); optional \"max_rows\": decode rows per step up to which "
+        "proposals are made (default 8)", shown="off")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -96,6 +102,8 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs, so every running "
                              "sequence can decode in each step")
+        if self.speculative_config is not None:
+            SpeculativeConfig.parse(self.speculative_config)  # raises, naming the problem
         torch.device(self.device)  # raises on a malformed device string
         if self.quantization in ("int4", "int8") and torch.device(self.device).type != "cpu":
             raise ValueError(f"--quantization {self.quantization} runs on CPU kernels; on a GPU use --quantization none")
@@ -103,3 +111,7 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def speculation(self) -> SpeculativeConfig | None:
+        return None if self.speculative_config is None else SpeculativeConfig.parse(self.speculative_config)

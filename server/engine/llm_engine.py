@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ class EngineStats:
     block_size: int = 0
     num_preemptions: int = 0
     prefix_caching: bool = True
+    spec_drafts_total: int = 0             # speculative chunks verified
+    spec_draft_tokens_total: int = 0       # tokens proposed in them
+    spec_accepted_tokens_total: int = 0    # of which accepted
+    spec_accepted_per_position: tuple[int, ...] = ()  # accepted at proposal position 0, 1, ...
 
 
 @dataclass
@@ -71,13 +76,20 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, config.max_num_seqs, num_blocks, config.block_size,
                                   self.max_model_len, config.device, compile_decode=not config.enforce_eager,
                                   seed=config.seed)
+        speculation = config.speculation
+        if speculation is not None:  # the decode step holds at most max_num_seqs rows, proposals included
+            speculation = dataclasses.replace(speculation, max_rows=min(speculation.max_rows, config.max_num_seqs))
+            log.info("speculative decoding: %s", speculation)
         self.scheduler = Scheduler(config.max_num_seqs, BlockPool(num_blocks, config.block_size),
                                    config.max_num_batched_tokens, config.max_waiting,
                                    prefix_caching=config.enable_prefix_caching,
-                                   max_waiting_tokens=config.max_waiting_tokens)
+                                   max_waiting_tokens=config.max_waiting_tokens, speculation=speculation,
+                                   max_model_len=self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.spec_drafts_total = self.spec_draft_tokens_total = self.spec_accepted_tokens_total = 0
+        self.spec_accepted_per_position = [0] * (speculation.num_speculative_tokens if speculation else 0)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         """Refuse a prompt the engine cannot run; reads only constants, so any thread may call it."""
@@ -164,6 +176,9 @@ class LLMEngine:
         sample_index = 0
         for chunk in batch.chunks:
             seq = chunk.seq
+            if chunk.proposed:
+                self._accept(chunk, outputs, now)
+                continue
             self.scheduler.computed(seq, len(chunk.token_ids))
             if chunk.start < seq.num_prompt and not seq.num_preemptions:  # recomputation is not new prompt
                 self.prompt_tokens_total += min(seq.num_prompt, chunk.start + len(chunk.token_ids)) - chunk.start
@@ -196,8 +211,46 @@ class LLMEngine:
                 outputs[request_id] = final
         return list(outputs.values())
 
-    def _append_token(self, request: _Request, seq: Sequence, samples, j: int, now: float) -> SequenceDelta:
-        token = samples.token_ids[j]
+    def _accept(self, chunk, outputs: dict[str, RequestOutput], now: float) -> None:
+        """A verified speculative chunk: the longest prefix of proposals equal to the rows' greedy tokens, plus the
+        greedy token after it, appended one by one as plain decoding would (stop strings, stop tokens and
+        max_tokens end it where they would); the cache keeps the K/V of the newest token and accepted proposals."""
+        seq, targets, proposals = chunk.seq, chunk.verified, chunk.token_ids[1:]
+        accepted = 0
+        while accepted < len(proposals) and proposals[accepted] == targets[accepted]:
+            accepted += 1
+        self.spec_drafts_total += 1
+        self.spec_draft_tokens_total += len(proposals)
+        self.spec_accepted_tokens_total += accepted
+        for i in range(accepted):
+            self.spec_accepted_per_position[i] += 1
+        request = self.requests.get(seq.request_id)
+        if request is None or seq.finished:
+            return
+        try:
+            deltas = [self._append_token(request, seq, token, None, now) for token in
+                      self._until_finished(seq, targets[:accepted + 1])]
+        except Exception as e:  # as for one token (no grammar here, so no GrammarViolation)
+            log.exception("request %s failed", seq.request_id)
+            outputs[seq.request_id] = self._fail(seq.request_id, e)
+            return
+        if not seq.finished:
+            self.scheduler.computed(seq, 1 + accepted)
+        out = outputs.setdefault(seq.request_id, RequestOutput(seq.request_id, request.prompt_ids))
+        out.deltas.append(SequenceDelta(seq.index, "".join(d.text for d in deltas),
+                                        [t for d in deltas for t in d.token_ids], None, deltas[-1].finish_reason,
+                                        deltas[-1].stop_reason))
+
+    @staticmethod
+    def _until_finished(seq: Sequence, tokens: list[int]):
+        for token in tokens:
+            if seq.finished:
+                return
+            yield token
+
+    def _append_token(self, request: _Request, seq: Sequence, samples, j: int | None, now: float) -> SequenceDelta:
+        """The sample j of `samples` appended to the sequence (or `samples` itself, a token id, with j None)."""
+        token = samples if j is None else samples.token_ids[j]
         if seq.matcher is not None and not seq.matcher.accept_token(token):
             raise GrammarViolation(f"the output constraint allows no token after {len(seq.output_ids)} generated "
                                    "tokens (min_tokens may conflict with it)", seq.params.grammar_param)
@@ -206,7 +259,7 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         logprobs = None
-        if seq.params.logprobs is not None:
+        if seq.params.logprobs is not None and j is not None:
             top = list(zip(samples.top_token_ids[j], samples.top_logprobs[j]))
             logprobs = [TokenLogprob(token, samples.logprobs[j], top)]
         text, finish, stop = request.processors[seq.index].append(token, len(seq.output_ids), seq.max_tokens)
@@ -261,4 +314,8 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
             prefix_caching=self.config.enable_prefix_caching,
+            spec_drafts_total=self.spec_drafts_total,
+            spec_draft_tokens_total=self.spec_draft_tokens_total,
+            spec_accepted_tokens_total=self.spec_accepted_tokens_total,
+            spec_accepted_per_position=tuple(self.spec_accepted_per_position),
         )

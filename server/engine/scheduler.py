@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from server.engine.block_pool import ROOT, BlockPool
 from server.engine.exceptions import EngineOverloaded
 from server.engine.sequence import Sequence, Status
+from server.engine.speculation import SpeculativeConfig, can_speculate, propose
 
 
 @dataclass
@@ -29,6 +30,8 @@ class ScheduledChunk:
     token_ids: list[int]
     start: int                    # position of the first token
     samples: bool                 # the chunk reaches the sequence's end, so its last logits are sampled
+    proposed: int = 0             # speculative proposals after the sequence's newest token (token_ids[1:])
+    verified: list[int] | None = None  # with proposals: each row's greedy token, filled by the runner
 
     @property
     def decode(self) -> bool:
@@ -46,7 +49,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, num_slots: int, blocks: BlockPool, max_num_batched_tokens: int, max_waiting: int,
-                 prefix_caching: bool = True, max_waiting_tokens: int | None = None):
+                 prefix_caching: bool = True, max_waiting_tokens: int | None = None,
+                 speculation: SpeculativeConfig | None = None, max_model_len: int | None = None):
+        self.speculation = speculation
+        self.max_model_len = max_model_len
         self.free_slots = list(range(num_slots))  # a min-heap of sequence slots (the sampler's rows)
         self.blocks = blocks
         self.prefix_caching = prefix_caching
@@ -86,11 +92,16 @@ class Scheduler:
 
     def _schedule_into(self, batch: ScheduledBatch) -> None:
         budget = self.max_num_batched_tokens
-        for seq in list(self.running):  # decodes (or replays of generated tokens): one token each, oldest first
-            if seq.status is Status.RUNNING and seq.num_computed >= seq.num_prompt and budget > 0:
+        decoding = [seq for seq in self.running if seq.num_computed >= seq.num_prompt]
+        # rows that speculative proposals may add to this step's decode rows
+        spare = 0 if self.speculation is None else max(0, self.speculation.max_rows - len(decoding))
+        for seq in decoding:  # decodes (or replays of generated tokens): one token each, oldest first
+            if seq.status is Status.RUNNING and budget > 0:
                 if self._grow(seq, seq.num_computed + 1, batch):
-                    batch.chunks.append(self._chunk(seq, 1))
-                    budget -= 1
+                    proposals = self._proposals(seq, min(spare, budget - 1)) if spare else []
+                    batch.chunks.append(self._chunk(seq, 1, proposals))
+                    budget -= 1 + len(proposals)
+                    spare -= len(proposals)
         for seq in self.running:  # prefills under way, as far as blocks allow
             if seq.num_computed < seq.num_prompt and budget > 0:
                 n = self._fit(seq, min(budget, seq.num_prompt - seq.num_computed))
@@ -185,10 +196,32 @@ class Scheduler:
         seq.block_table = []
         seq.block_uids = []
 
+    def _proposals(self, seq: Sequence, room: int) -> list[int]:
+        """Up to `room` speculative tokens after the sequence's newest one, within its limits (output left, context)
+        and the free blocks (proposals never preempt anyone); blocks for them are taken."""
+        spec = self.speculation
+        if room <= 0 or not can_speculate(seq):
+            return []
+        k = min(spec.num_speculative_tokens, room, seq.max_tokens - len(seq.output_ids) - 1)
+        if self.max_model_len is not None:
+            k = min(k, self.max_model_len - seq.num_tokens)
+        if k <= 0:
+            return []
+        proposals = propose(seq.all_tokens(), k, spec.prompt_lookup_max, spec.prompt_lookup_min)
+        size = self.blocks.block_size
+        fits = (len(seq.block_table) + self.blocks.num_available) * size - seq.num_computed - 1
+        proposals = proposals[:max(0, fits)]
+        while len(seq.block_table) < self.blocks.blocks_for(seq.num_computed + 1 + len(proposals)):
+            seq.block_table.append(self.blocks.allocate())
+        return proposals
+
     @staticmethod
-    def _chunk(seq: Sequence, n: int) -> ScheduledChunk:
-        """The next n tokens; a prefill chunk stops at the prompt's end (generated tokens are replayed as decodes)."""
+    def _chunk(seq: Sequence, n: int, proposals: list[int] | None = None) -> ScheduledChunk:
+        """The next n tokens; a prefill chunk stops at the prompt's end (generated tokens are replayed as decodes).
+        Proposals follow a decode's token, to be verified in the same step."""
         tokens = seq.tokens(seq.num_computed, seq.num_computed + n)
+        if proposals:
+            return ScheduledChunk(seq, tokens + proposals, seq.num_computed, True, proposed=len(proposals))
         return ScheduledChunk(seq, tokens, seq.num_computed, seq.num_computed + n == seq.num_tokens)
 
     def computed(self, seq: Sequence, n: int) -> None:

@@ -67,6 +67,18 @@ class _EngineCollector:
         yield info
         yield counter("prefix_cache_hit_tokens", "Prompt tokens whose K/V were found in cached blocks.",
                       s.prefix_cache_hit_tokens)
+        if s.spec_accepted_per_position:  # speculative decoding is on: vLLM's names
+            yield counter("spec_decode_num_drafts", "Speculative drafts verified.", s.spec_drafts_total, prefix=VLLM)
+            yield counter("spec_decode_num_draft_tokens", "Tokens proposed in speculative drafts.",
+                          s.spec_draft_tokens_total, prefix=VLLM)
+            yield counter("spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                          s.spec_accepted_tokens_total, prefix=VLLM)
+            per_position = CounterMetricFamily(f"{VLLM}:spec_decode_num_accepted_tokens_per_pos",
+                                               "Proposed tokens accepted, by position in the draft.",
+                                               labels=["model_name", "position"])
+            for position, value in enumerate(s.spec_accepted_per_position):
+                per_position.add_metric([self.model_name, str(position)], value)
+            yield per_position
 
 
 class Metrics:

@@ -38,8 +38,16 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch) -> SamplerOutput | None:
         """Run the batch; return the samples of the chunks that end their sequence (in chunk order)."""
-        chunks = [SequenceChunk(c.seq.slot, c.start, c.token_ids, all_logits=self._wants_prompt_logprobs(c),
-                                decode=c.decode, blocks=tuple(c.seq.block_table)) for c in batch.chunks]
+        chunks = []
+        for c in batch.chunks:
+            blocks = tuple(c.seq.block_table)
+            if c.proposed:  # the newest token and its proposals: one decode row each, at successive positions
+                chunks += [SequenceChunk(c.seq.slot, c.start + j, [t], decode=True, blocks=blocks)
+                           for j, t in enumerate(c.token_ids)]
+            else:
+                chunks.append(SequenceChunk(c.seq.slot, c.start, c.token_ids,
+                                            all_logits=self._wants_prompt_logprobs(c), decode=c.decode,
+                                            blocks=blocks))
         if self.decode_step is None:
             logits = self.model(ForwardBatch.build(chunks, self.device, self.cache.block_size), self.cache)
         else:
@@ -48,7 +56,7 @@ class ModelRunner:
             num_decode = sum(c.decode for c in chunks)  # decode chunks lead
             parts = []
             if num_decode:
-                self._check_positions(batch)
+                self._check_positions(chunks)
                 decode = chunks[:num_decode]
                 parts.append(self.decode_step.run([c.token_ids[0] for c in decode], [c.start for c in decode],
                                                   [c.blocks for c in decode]))  # [B, vocab]
@@ -57,8 +65,16 @@ class ModelRunner:
                 parts.append(self.model(prompt, self.cache))  # [M - B, vocab]
             logits = parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        sample_rows, rows, offset = [], [], 0
-        for scheduled, chunk in zip(batch.chunks, chunks):
+        sample_rows, rows, offset, row_chunks = [], [], 0, iter(chunks)
+        for scheduled in batch.chunks:
+            if scheduled.proposed:  # verified greedily: each row's argmax, as the sampler's greedy rows take it
+                n = 1 + scheduled.proposed
+                for _ in range(n):
+                    next(row_chunks)
+                scheduled.verified = logits[offset:offset + n].argmax(dim=-1).tolist()
+                offset += n
+                continue
+            chunk = next(row_chunks)
             n = len(chunk.token_ids) if chunk.all_logits else 1
             if chunk.all_logits:
                 self._record_prompt_logprobs(scheduled.seq, chunk, logits[offset:offset + n])
@@ -75,10 +91,10 @@ class ModelRunner:
         with torch.inference_mode():  # the forward's logits are inference tensors, which the sampler updates
             return self.sampler.sample(logits, rows)
 
-    def _check_positions(self, batch: ScheduledBatch) -> None:
+    def _check_positions(self, chunks: list[SequenceChunk]) -> None:
         """What the eager forward checks, for the compiled step (which cannot)."""
         limit = min(self.model.max_seq_len, self.max_model_len)
-        if any(c.start >= limit for c in batch.chunks):
+        if any(c.start + len(c.token_ids) - 1 >= limit for c in chunks):
             raise ValueError(f"a position is beyond the model's or the cache's maximum length ({limit})")
 
     @staticmethod

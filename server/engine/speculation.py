@@ -1,0 +1,96 @@
+"""Speculative decoding with n-gram proposals (prompt lookup), verified in the decode step itself.
+
+A sequence whose last n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`) occurred earlier in its
+prompt or output proposes the k tokens that followed that occurrence. The step then runs its last token and the
+proposals as 1 + k decode rows at successive positions: every row is computed exactly as one step per token would
+compute it (packed kernels and elementwise code per row; the attention kernel writes every row's K/V before any
+row attends), so row j's logits are those one-at-a-time decoding would give after accepting proposals 0..j-1.
+Greedy acceptance keeps the longest prefix of proposals equal to the rows' argmax, plus the argmax after it: the
+output is the one without speculation, token for token. K/V rows of rejected proposals lie past the sequence's
+length, where its next steps overwrite them; the prefix cache only ever registers blocks of accepted tokens.
+
+Only greedy requests with nothing between the logits and the argmax speculate (no logprobs, penalties,
+logit_bias, min_tokens or grammar); the others decode one token a step beside them. Load-aware: proposals are
+made only while a step's decode rows stay within `max_rows` (extra rows cost real compute once a step is no
+longer bound by reading the weights), so at many streams nothing changes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from server.engine.sequence import Sequence
+
+METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    max_rows: int = 8  # decode rows per step (proposals included) up to which proposals are made
+
+    @classmethod
+    def parse(cls, text: str | dict) -> SpeculativeConfig:
+        """vLLM's --speculative-config: a JSON object (or a dict, from a YAML preset)."""
+        try:
+            spec = json.loads(text) if isinstance(text, str) else dict(text)
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"speculative_config must be a JSON object: {e}") from None
+        if not isinstance(spec, dict):
+            raise ValueError("speculative_config must be a JSON object")
+        known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model", "max_rows"}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}")
+        method = spec.get("method")
+        if method not in METHODS:
+            raise ValueError(f"speculative_config.method must be one of {', '.join(METHODS)}, got {method!r}")
+        if method == "draft_model":
+            raise ValueError("speculative_config: method draft_model is not supported yet; use ngram")
+        ints = {}
+        for key, default in (("num_speculative_tokens", None), ("prompt_lookup_max", None),
+                             ("prompt_lookup_min", None), ("max_rows", cls.max_rows)):
+            value = spec.get(key, default)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"speculative_config.{key} must be a positive integer, got {value!r}")
+            ints[key] = value
+        if ints["num_speculative_tokens"] is None:
+            raise ValueError("speculative_config.num_speculative_tokens is required")
+        if ints["num_speculative_tokens"] > 16:
+            raise ValueError("speculative_config.num_speculative_tokens must be at most 16")
+        # As vLLM: one bound given, the other takes its value; neither, the defaults.
+        lo, hi = ints["prompt_lookup_min"], ints["prompt_lookup_max"]
+        if lo is None and hi is None:
+            lo, hi = cls.prompt_lookup_min, cls.prompt_lookup_max
+        lo, hi = lo if lo is not None else hi, hi if hi is not None else lo
+        if lo > hi:
+            raise ValueError("speculative_config.prompt_lookup_min must not exceed prompt_lookup_max")
+        return cls(method, ints["num_speculative_tokens"], hi, lo, ints["max_rows"])
+
+
+def propose(tokens: list[int], k: int, longest: int, shortest: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix of `tokens` (from `longest`
+    down to `shortest` tokens) found earlier in them; [] when none occurs."""
+    size = len(tokens)
+    if size < 2 or k < 1:
+        return []
+    last = tokens[-1]
+    ends = [i for i in range(size - 2, -1, -1) if tokens[i] == last]  # earlier occurrences of the last token, latest first
+    for n in range(min(longest, size - 1), shortest - 1, -1):
+        suffix = tokens[size - n:]
+        for end in ends:
+            if end >= n - 1 and tokens[end - n + 1:end + 1] == suffix:
+                return tokens[end + 1:end + 1 + k]
+    return []
+
+
+def can_speculate(seq: Sequence) -> bool:
+    """Greedy with nothing between the logits and the argmax, and at its newest token (not replaying generated
+    tokens after a preemption)."""
+    p = seq.params
+    return (p.greedy and p.logprobs is None and not p.needs_penalties and not p.logit_bias and p.min_tokens == 0
+            and seq.matcher is None and seq.num_computed == seq.num_tokens - 1)

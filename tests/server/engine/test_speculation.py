@@ -1,0 +1,116 @@
+"""Speculative decoding with n-gram proposals (server/engine/speculation.py): greedy outputs are the ones without
+speculation, token for token, while proposals are accepted; its limits and its configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.loading import load
+from server.engine.config import EngineConfig
+from server.engine.sampling_params import SamplingParams
+from server.engine.speculation import SpeculativeConfig, propose
+from tests.server.engine.helpers import assert_all_slots_free, make_engine, run
+
+NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+                    "prompt_lookup_min": 1})
+# Input-grounded texts (the answer copies from the prompt), and one free-form.
+TEXTS = [
+    "Copy this list exactly.\nList: apples, pears, plums, grapes, lemons, limes, cherries, peaches.\n"
+    "Copy: apples, pears,",
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+    "The capital of France is Paris. The capital of Spain is Madrid. The capital of Italy is",
+    "Write one sentence about the sea:",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm_bf16():
+    return load(None, dtype=torch.bfloat16, quantization="auto")
+
+
+def test_propose_copies_what_followed_the_latest_earlier_occurrence():
+    tokens = [1, 2, 3, 4, 5, 9, 1, 2, 3]
+    assert propose(tokens, 3, 4, 2) == [4, 5, 9]      # [1, 2, 3] occurred at 0
+    assert propose(tokens, 3, 4, 4) == []             # no earlier 4-gram [9, 1, 2, 3]
+    assert propose([5, 1, 2, 6, 1, 2, 7, 1, 2], 2, 2, 2) == [7, 1]  # the latest occurrence wins
+    assert propose([7, 7, 7], 5, 3, 1) == [7]         # overlapping its own suffix
+    assert propose([3], 2, 3, 1) == []
+
+
+@pytest.mark.parametrize("text,error", [
+    ("not json", "must be a JSON object"),
+    ('{"method": "eagle", "num_speculative_tokens": 2}', "method must be one of"),
+    ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 2}', "not supported yet"),
+    ('{"method": "ngram"}', "num_speculative_tokens is required"),
+    ('{"method": "ngram", "num_speculative_tokens": 0}', "positive integer"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2}',
+     "must not exceed"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}', "unknown key"),
+])
+def test_bad_configurations_are_refused_at_start_up(text, error):
+    with pytest.raises(ValueError, match=error):
+        EngineConfig(speculative_config=text)
+
+
+def test_one_lookup_bound_sets_the_other_as_vllm_does():
+    spec = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}')
+    assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == (5, 5)
+
+
+def test_greedy_outputs_are_unchanged_and_proposals_are_accepted(smollm_bf16):
+    """Each text alone and all together (so verifying rows share steps with other sequences' rows), with stop
+    strings, max_tokens and EOS ending runs of accepted tokens: the same tokens, text and finish as without
+    speculation; proposals were accepted; no block is left held."""
+    tok = smollm_bf16.tokenizer
+    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=37, stop=["mul", "\n\n\n"]),
+              SamplingParams(temperature=0.0, max_tokens=30),
+              SamplingParams(temperature=0.0, max_tokens=33, ignore_eos=True)]
+    requests = {f"r{i}": (tok.encode(text), p) for i, (text, p) in enumerate(zip(TEXTS, params))}
+    plain = run(make_engine(smollm_bf16), requests)
+    engine = make_engine(smollm_bf16, speculative_config=NGRAM)
+    together = run(engine, requests)
+    alone = {}
+    for rid, request in requests.items():
+        alone.update(run(engine, {rid: request}))
+    for rid in requests:
+        expected = plain[(rid, 0)]
+        for got in (together[(rid, 0)], alone[(rid, 0)]):
+            assert (got.token_ids, got.text, got.finish_reason, got.stop_reason) == (
+                expected.token_ids, expected.text, expected.finish_reason, expected.stop_reason), rid
+    stats = engine.stats()
+    assert stats.spec_drafts_total > 0 and stats.spec_accepted_tokens_total > stats.spec_drafts_total // 2
+    assert stats.spec_accepted_per_position[0] >= stats.spec_accepted_per_position[-1]
+    assert_all_slots_free(engine)
+
+
+def test_sampled_and_logprob_requests_decode_one_token_a_step_beside_speculating_ones(smollm_bf16):
+    tok = smollm_bf16.tokenizer
+    ids = tok.encode(TEXTS[0])
+    engine = make_engine(smollm_bf16, speculative_config=NGRAM)
+    out = run(engine, {"greedy": (ids, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)),
+                       "logprobs": (ids, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)),
+                       "sampled": (ids, SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True))})
+    assert out[("greedy", 0)].token_ids == out[("logprobs", 0)].token_ids
+    assert engine.stats().spec_drafts_total <= 24  # only the first request speculated
+    alone = run(make_engine(smollm_bf16), {"sampled": (ids, SamplingParams(temperature=0.8, seed=3, max_tokens=24,
+                                                                           ignore_eos=True))})
+    assert out[("sampled", 0)].token_ids == alone[("sampled", 0)].token_ids  # seeded: reproducible beside it
+    assert_all_slots_free(engine)
+
+
+def test_no_proposals_once_the_step_is_full(smollm_bf16):
+    """max_rows 2 with three decoding sequences: no step has room, so nothing is proposed."""
+    tok = smollm_bf16.tokenizer
+    spec = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "max_rows": 2})
+    engine = make_engine(smollm_bf16, speculative_config=spec)
+    ids = tok.encode(TEXTS[0])
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", ids, params)
+    while engine.has_work():
+        engine.step()
+    assert engine.stats().spec_drafts_total == 0
