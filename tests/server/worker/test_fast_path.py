@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -46,6 +48,26 @@ def test_default_configuration_is_batch_invariant_and_compiled(smollm_int4):
         alone = run(engine, {f"x{i}": (p, GREEDY)})[(f"x{i}", 0)]
         assert together[(str(i), 0)].token_ids == alone.token_ids, f"prompt {i} differs in a batch"
         assert len(alone.token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.slow
+def test_speculation_on_the_compiled_step_leaves_greedy_outputs_unchanged(smollm_int4):
+    """n-gram speculation in the default configuration: its verifying rows run the compiled decode step (several
+    positions of one sequence in one call), and every request gives the tokens it gives without speculation."""
+    tok = smollm_int4.tokenizer
+    texts = ["Copy this list exactly.\nList: red, green, blue, cyan, magenta, yellow, black, white.\nCopy: red,",
+             "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "Write one sentence about a forest:"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    requests = {f"r{i}": (tok.encode(t), greedy) for i, t in enumerate(texts)}
+    config = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256)
+    plain = run(LLMEngine(smollm_int4, EngineConfig(**config)), requests)
+    engine = LLMEngine(smollm_int4, EngineConfig(**config, speculative_config=json.dumps(
+        {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 1})))
+    assert engine.runner.decode_step is not None
+    spec = run(engine, requests)
+    assert {k: v.token_ids for k, v in spec.items()} == {k: v.token_ids for k, v in plain.items()}
+    assert engine.stats().spec_accepted_tokens_total > 0
+    assert_all_slots_free(engine)
 
 
 @pytest.mark.slow
