@@ -102,9 +102,14 @@ class EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs, so every running "
                              "sequence can decode in each step")
+        torch.device(self.device)  # raises on a malformed device string
         if self.speculative_config is not None:
             SpeculativeConfig.parse(self.speculative_config)  # raises, naming the problem
-        torch.device(self.device)  # raises on a malformed device string
+            if torch.device(self.device).type != "cpu":
+                # the CUDA attention kernel writes a row's K/V in the program that reads it, so rows at successive
+                # positions of one sequence would race there
+                raise ValueError("speculative decoding runs on CPU only for now (--speculative-config with --device "
+                                 f"{self.device})")
         if self.quantization in ("int4", "int8") and torch.device(self.device).type != "cpu":
             raise ValueError(f"--quantization {self.quantization} runs on CPU kernels; on a GPU use --quantization none")
 

@@ -55,6 +55,11 @@ def test_bad_configurations_are_refused_at_start_up(text, error):
         EngineConfig(speculative_config=text)
 
 
+def test_speculation_is_refused_on_cuda_for_now():
+    with pytest.raises(ValueError, match="CPU only"):
+        EngineConfig(device="cuda", speculative_config=NGRAM)
+
+
 def test_one_lookup_bound_sets_the_other_as_vllm_does():
     spec = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}')
     assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == (5, 5)
