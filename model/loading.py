@@ -7,6 +7,7 @@ a checkpoint never sits in memory twice.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -172,14 +173,15 @@ def load(source: str | Path | None = None, *, device: torch.device | str = "cpu"
         _quantize(model, {"int4": 4, "int8": 8}.get(quantization), path if path.is_file() else None)
     if quantization == "auto":
         quantization = "packed" if any(isinstance(m, PackedLinear) for m in model.modules()) else "none"
-    _return_freed_memory()
+    return_freed_memory()
     return LoadedModel(model, tokenizer, config, str(source if source is not None else path),
                        time.perf_counter() - start, quantization)
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the C heap's freed pages back to the OS: glibc keeps what loading freed (about 0.4 GB of temporaries
     after packing a 1B model), and the process's resident memory would stay that much above its weights."""
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

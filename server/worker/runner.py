@@ -8,6 +8,7 @@ import torch
 
 from model.batch import ForwardBatch, SequenceChunk, to_device
 from model.kv_cache import KVCache
+from model.loading import return_freed_memory
 from model.llama import Llama
 from server.engine.output import TokenLogprob
 from server.engine.scheduler import ScheduledBatch
@@ -32,6 +33,7 @@ class ModelRunner:
         self.decode_step = None
         if compile_decode:
             self.decode_step = prepared_decode_step(model, self.cache, num_slots, max_model_len, self.device)
+            return_freed_memory()  # what compiling freed (its graphs and buffers) back to the OS
 
     def start_sequence(self, seq: Sequence) -> None:
         seq.generator = self.sampler.start_sequence(seq.slot, seq.prompt_ids, seq.params, seq.index)
