@@ -142,7 +142,7 @@ def test_cli_starts_serves_and_shuts_down_gracefully(tmp_path):
     """`python -m server`: /health is 503 while the model loads, then 200; on SIGTERM new requests and /health get
     503 with Retry-After while a running stream finishes; a stream that cannot finish within the grace period is
     cut off at its end, and the process exits 0 within about a second of it (one grace period, not two)."""
-    port, grace = free_port(), 10
+    port, grace = free_port(), 5
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--max-model-len", "4096",
