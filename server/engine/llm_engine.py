@@ -189,7 +189,11 @@ class LLMEngine:
             if request is None or seq.finished:
                 continue
             try:
-                delta = self._append_token(request, seq, samples, j, now)
+                logprobs = None
+                if seq.params.logprobs is not None:
+                    top = list(zip(samples.top_token_ids[j], samples.top_logprobs[j]))
+                    logprobs = [TokenLogprob(samples.token_ids[j], samples.logprobs[j], top)]
+                delta = self._append_token(request, seq, samples.token_ids[j], logprobs, now)
             except GrammarViolation as e:  # the request's own constraints conflict: its error, not ours
                 log.info("request %s ended: %s", seq.request_id, e)
                 outputs[seq.request_id] = self._fail(seq.request_id, e)
@@ -227,9 +231,12 @@ class LLMEngine:
         request = self.requests.get(seq.request_id)
         if request is None or seq.finished:
             return
+        deltas = []
         try:
-            deltas = [self._append_token(request, seq, token, None, now) for token in
-                      self._until_finished(seq, targets[:accepted + 1])]
+            for token in targets[:accepted + 1]:
+                deltas.append(self._append_token(request, seq, token, None, now))
+                if seq.finished:
+                    break
         except Exception as e:  # as for one token (no grammar here, so no GrammarViolation)
             log.exception("request %s failed", seq.request_id)
             outputs[seq.request_id] = self._fail(seq.request_id, e)
@@ -241,16 +248,8 @@ class LLMEngine:
                                         [t for d in deltas for t in d.token_ids], None, deltas[-1].finish_reason,
                                         deltas[-1].stop_reason))
 
-    @staticmethod
-    def _until_finished(seq: Sequence, tokens: list[int]):
-        for token in tokens:
-            if seq.finished:
-                return
-            yield token
-
-    def _append_token(self, request: _Request, seq: Sequence, samples, j: int | None, now: float) -> SequenceDelta:
-        """The sample j of `samples` appended to the sequence (or `samples` itself, a token id, with j None)."""
-        token = samples if j is None else samples.token_ids[j]
+    def _append_token(self, request: _Request, seq: Sequence, token: int, logprobs: list[TokenLogprob] | None,
+                      now: float) -> SequenceDelta:
         if seq.matcher is not None and not seq.matcher.accept_token(token):
             raise GrammarViolation(f"the output constraint allows no token after {len(seq.output_ids)} generated "
                                    "tokens (min_tokens may conflict with it)", seq.params.grammar_param)
@@ -258,10 +257,6 @@ class LLMEngine:
         self.generation_tokens_total += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
-        logprobs = None
-        if seq.params.logprobs is not None and j is not None:
-            top = list(zip(samples.top_token_ids[j], samples.top_logprobs[j]))
-            logprobs = [TokenLogprob(token, samples.logprobs[j], top)]
         text, finish, stop = request.processors[seq.index].append(token, len(seq.output_ids), seq.max_tokens)
         if finish is None and seq.matcher is not None and seq.matcher.is_terminated():
             raise GrammarViolation("the output constraint is complete but the request asks for more tokens "

@@ -208,12 +208,9 @@ class Scheduler:
         if k <= 0:
             return []
         proposals = propose(seq.all_tokens(), k, spec.prompt_lookup_max, spec.prompt_lookup_min)
-        size = self.blocks.block_size
-        fits = (len(seq.block_table) + self.blocks.num_available) * size - seq.num_computed - 1
-        proposals = proposals[:max(0, fits)]
-        while len(seq.block_table) < self.blocks.blocks_for(seq.num_computed + 1 + len(proposals)):
-            seq.block_table.append(self.blocks.allocate())
-        return proposals
+        if not proposals:
+            return []
+        return proposals[:self._fit(seq, 1 + len(proposals)) - 1]  # the newest token's block is already held
 
     @staticmethod
     def _chunk(seq: Sequence, n: int, proposals: list[int] | None = None) -> ScheduledChunk:

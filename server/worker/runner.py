@@ -67,16 +67,14 @@ class ModelRunner:
                 parts.append(self.model(prompt, self.cache))  # [M - B, vocab]
             logits = parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        sample_rows, rows, offset, row_chunks = [], [], 0, iter(chunks)
+        sample_rows, rows, offset, i = [], [], 0, 0  # i: the scheduled chunk's first entry in `chunks`
         for scheduled in batch.chunks:
             if scheduled.proposed:  # verified greedily: each row's argmax, as the sampler's greedy rows take it
                 n = 1 + scheduled.proposed
-                for _ in range(n):
-                    next(row_chunks)
                 scheduled.verified = logits[offset:offset + n].argmax(dim=-1).tolist()
-                offset += n
+                offset, i = offset + n, i + n
                 continue
-            chunk = next(row_chunks)
+            chunk, i = chunks[i], i + 1
             n = len(chunk.token_ids) if chunk.all_logits else 1
             if chunk.all_logits:
                 self._record_prompt_logprobs(scheduled.seq, chunk, logits[offset:offset + n])
