@@ -22,6 +22,8 @@ from model.config import ModelConfig
 from model.kernels.cpu import decode_attention_kernel
 from model.kernels.triton_decode import available as triton_available
 from model.kernels.triton_decode import paged_decode_attention
+from model.layers import row_parallel
+from model.parallel import Shard
 from model.rope import apply_rope
 
 # "sdpa": the device's kernels (above); "reference": everything spelled out in float32; "triton": decode through
@@ -120,8 +122,12 @@ def decode_attention(*args) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """`config`: this rank's heads (model.parallel.local_config); with `shard.split`, o_proj's partial sums are
+    added over the ranks."""
+
+    def __init__(self, config: ModelConfig, shard: Shard = Shard()):
         super().__init__()
+        self.split = shard.split
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -145,7 +151,7 @@ class Attention(nn.Module):
         v = v.view(N, self.num_kv_heads, self.head_dim)
         if not batch.prefills:  # decode only: the shape a compiled step sees
             out = decode_attention(q, k, v, k_cache, v_cache, batch.decode_tables, batch.decode_host, self.impl)
-            return self.o_proj(out.view(N, self.num_heads * self.head_dim))
+            return row_parallel(self.o_proj, out.view(N, self.num_heads * self.head_dim), self.split)
 
         out = torch.empty_like(q)  # [N, H, D]
         if B:
@@ -167,4 +173,4 @@ class Attention(nn.Module):
                 values = gather_blocks(v_cache, span.block_ids, span.context_len).unsqueeze(0)
             queries = q[span.rows].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
             out[span.rows] = attend(queries, keys, values, span.mask)[0].transpose(0, 1)
-        return self.o_proj(out.view(N, self.num_heads * self.head_dim))
+        return row_parallel(self.o_proj, out.view(N, self.num_heads * self.head_dim), self.split)

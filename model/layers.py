@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.parallel import Shard, all_reduce
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -21,10 +23,12 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); names match the Hugging Face checkpoint."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); names match the Hugging Face checkpoint. With `shard.split`, `hidden`
+    is this rank's slice and the output its partial sum, added over the ranks here."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, shard: Shard = Shard()):
         super().__init__()
+        self.split = shard.split
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
@@ -35,4 +39,12 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return row_parallel(self.down_proj, F.silu(gate) * up, self.split)
+
+
+def row_parallel(layer: nn.Module, x: torch.Tensor, split: bool) -> torch.Tensor:
+    """`layer(x)`; when the model is split, the sum over the ranks of their partial results, rounded to x's dtype
+    once (a packed layer's partials are float32)."""
+    if not split:
+        return layer(x)
+    return all_reduce(layer(x)).to(x.dtype)

@@ -21,6 +21,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.kernels.cpu import packed_linear_kernel
 from model.llama import Llama
+from model.parallel import Shard, check_split, float_partials, shard_packed, shard_tensor
 from model.quant import (
     QUANTIZATIONS,
     PackedEmbedding,
@@ -55,16 +56,20 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], *,
                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                max_seq_len: int | None = None, packed: Iterable[tuple[str, PackedWeight]] = ()) -> Llama:
+                max_seq_len: int | None = None, packed: Iterable[tuple[str, PackedWeight]] = (),
+                shard: Shard = Shard()) -> Llama:
     """Assign named checkpoint tensors into a meta-device `Llama`, checking every name and shape. Weights in
     `packed` become packed layers as they come (a packed embedding is read by row, and shared by a tied head),
-    so no dense copy of them is ever made."""
+    so no dense copy of them is ever made. `shard`: keep only this rank's part of each tensor, cut as it comes
+    (model/parallel.py)."""
     dtype = dtype or default_dtype(device)
+    check_split(config, shard.size)
     with torch.device("meta"):
-        model = Llama(config, max_seq_len=max_seq_len)
+        model = Llama(config, max_seq_len=max_seq_len, shard=shard)
     expected = dict(model.named_parameters())  # a tied head is not listed twice
     seen = set()
     for name, weight in packed:
+        weight = shard_packed(name, weight, config, shard)
         if name not in expected or tuple(weight.codes.shape) != tuple(expected[name].shape):
             raise ValueError(f"packed weight {name!r} {tuple(weight.codes.shape)} does not fit the model")
         parent, _, _ = name.rpartition(".")
@@ -83,6 +88,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
             continue
         if name not in expected:
             raise ValueError(f"checkpoint tensor {name!r} is not part of a Llama model")
+        tensor = shard_tensor(name, tensor, config, shard)
         want = tuple(expected[name].shape)
         if tuple(tensor.shape) != want:
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
@@ -98,7 +104,15 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
     if not isinstance(model.model.embed_tokens, PackedEmbedding):
         model.tie_weights()
     model.reset_rope(device)
+    _float_partials(model)
     return model.eval()
+
+
+def _float_partials(model: Llama) -> None:
+    """A split model's row-parallel packed layers give float32 partial sums (added over the ranks in float32)."""
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLinear) and float_partials(name, model.shard):
+            module.out_float = True
 
 
 def read_directory(directory: Path) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, torch.Tensor]]]:
@@ -136,12 +150,13 @@ def read_gguf(path: Path, dtype: torch.dtype, pack: bool
 
 def load(source: str | Path | None = None, *, device: torch.device | str = "cpu",
          dtype: torch.dtype | None = None, max_seq_len: int | None = None,
-         revision: str | None = None, quantization: str = "none") -> LoadedModel:
+         revision: str | None = None, quantization: str = "none", shard: Shard = Shard()) -> LoadedModel:
     """Load a model by what `source` names: None (the embedded default), a .gguf file, a directory, a repo id.
 
     `quantization`: "none" keeps every weight dense in `dtype`; "auto" serves a GGUF's tensors of the packed types
     (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) exactly as stored, on CPU, and quantises nothing else;
-    "int4" and "int8" also quantise the other float weights of linear layers at load to that many bits (CPU)."""
+    "int4" and "int8" also quantise the other float weights of linear layers at load to that many bits (CPU).
+    `shard`: load only this tensor-parallel rank's part of the weights (model/parallel.py)."""
     from model.checkpoint.hub import looks_like_repo_id, resolve_repo
     from model.paths import default_gguf_path
 
@@ -168,9 +183,11 @@ def load(source: str | Path | None = None, *, device: torch.device | str = "cpu"
         config, tokenizer, tensors = read_directory(resolve_repo(str(source), revision=revision))
     else:
         raise ValueError(f"model {str(source)!r} is neither a file, a directory nor a Hugging Face repo id")
-    model = build_model(config, tensors, device=device, dtype=dtype, max_seq_len=max_seq_len, packed=packed)
+    model = build_model(config, tensors, device=device, dtype=dtype, max_seq_len=max_seq_len, packed=packed,
+                        shard=shard)
     if pack:
         _quantize(model, {"int4": 4, "int8": 8}.get(quantization), path if path.is_file() else None)
+        _float_partials(model)
     if quantization == "auto":
         quantization = "packed" if any(isinstance(m, PackedLinear) for m in model.modules()) else "none"
     return_freed_memory()

@@ -67,6 +67,24 @@ class PackedWeight:
         return PackedWeight(self.bits, self.kind, self.codes[index], self.d[index], self.m[index],
                             None if self.sub is None else self.sub[index])
 
+    def row_range(self, start: int, end: int, pad_to: int | None = None) -> PackedWeight:
+        """Output rows [start, end), then rows of zero codes and scales up to `pad_to` rows (a tensor-parallel
+        shard)."""
+        parts = [t[start:end] for t in (self.codes, self.d, self.m)] + [None if self.sub is None else self.sub[start:end]]
+        if pad_to is not None and pad_to > end - start:
+            parts = [None if t is None else torch.cat([t, t.new_zeros(pad_to - (end - start), *t.shape[1:])])
+                     for t in parts]
+        return PackedWeight(self.bits, self.kind, *parts)
+
+    def column_range(self, start: int, end: int) -> PackedWeight:
+        """Input columns [start, end), which must fall on the scales' groups (32 inputs; 256 for K kinds)."""
+        unit = GROUP_SIZE if self.kind == LEGACY else SUPER
+        if start % unit or end % unit:
+            raise ValueError(f"a {self.bits}-bit weight can only be split every {unit} inputs, not at {start}:{end}")
+        scales = slice(start // unit, end // unit)
+        sub = None if self.sub is None else self.sub[:, start // GROUP_SIZE:end // GROUP_SIZE]
+        return PackedWeight(self.bits, self.kind, self.codes[:, start:end], self.d[:, scales], self.m[:, scales], sub)
+
 
 def _packed_linear(x: torch.Tensor, codes: torch.Tensor, high: torch.Tensor, scales: torch.Tensor, sub: torch.Tensor,
                    bits: int, kind: int, out_features: int, out_float: bool) -> torch.Tensor:
@@ -186,13 +204,16 @@ class PackedLinear(nn.Module):
         return PackedWeight(self.bits, self.kind, q.reshape(n, -1), d, m, sub).dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> [M, N]: every row on the packed codes."""
-        x = x.to(torch.bfloat16)
-        args = (x, self.codes, self.high, self.scales, self.sub, self.bits, self.kind, self.out_features,
-                self.out_float)
+        """x [M, K] -> [M, N]: every row on the packed codes (in bfloat16, accumulated in float32), the result in x's
+        dtype (float32 for the output head)."""
+        dtype = x.dtype
+        args = (x.to(torch.bfloat16), self.codes, self.high, self.scales, self.sub, self.bits, self.kind,
+                self.out_features, self.out_float)
         if torch.compiler.is_compiling():
-            return torch.ops.llama3.packed_linear.default(*args)
-        return _packed_linear(*args)
+            y = torch.ops.llama3.packed_linear.default(*args)
+        else:
+            y = _packed_linear(*args)
+        return y if self.out_float or dtype == torch.bfloat16 else y.to(dtype)
 
     @property
     def nbytes(self) -> int:

@@ -3,7 +3,9 @@ shutdown on SIGTERM."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -13,18 +15,38 @@ from server.engine.config import EngineConfig
 
 log = logging.getLogger("server")
 
+FATAL_EXIT_SECONDS = 20.0
 
-def build_engine(config: EngineConfig):
+
+def build_engine(config: EngineConfig, on_fatal=None):
+    """The engine, on rank 0 of a tensor-parallel group when the model is split (the group's faults go to
+    `on_fatal`)."""
     from model.loading import load
+    from model.parallel import Shard
     from server.engine.async_engine import AsyncEngine
     from server.engine.llm_engine import LLMEngine
+    from server.worker.parallel import TensorParallel, launched_by_torchrun
 
-    loaded = load(config.model, device=config.device, dtype=config.torch_dtype, max_seq_len=config.max_model_len,
-                  quantization=config.quantization)
-    log.info("loaded %s (%.0fM parameters, %s on %s, quantization %s) in %.2f s", loaded.source,
-             loaded.config.num_params / 1e6, config.torch_dtype, config.device, loaded.quantization,
-             loaded.load_seconds)
-    return AsyncEngine(LLMEngine(loaded, config))  # the runner logs the KV cache's size
+    parallel = None
+    if config.tensor_parallel_size > 1 or launched_by_torchrun():
+        if launched_by_torchrun():
+            import os
+            config = dataclasses.replace(config, tensor_parallel_size=int(os.environ["WORLD_SIZE"]))
+        parallel = TensorParallel(config, on_fatal)
+    try:
+        loaded = load(config.model, device=config.device, dtype=config.torch_dtype, max_seq_len=config.max_model_len,
+                      quantization=config.quantization, shard=parallel.shard if parallel else Shard())
+        log.info("loaded %s (%.0fM parameters, %s on %s, quantization %s%s) in %.2f s", loaded.source,
+                 loaded.config.num_params / 1e6, config.torch_dtype, config.device, loaded.quantization,
+                 f", rank 0 of {parallel.world}" if parallel else "", loaded.load_seconds)
+        engine = LLMEngine(loaded, config, parallel)  # the runner logs the KV cache's size
+    except Exception as e:
+        if parallel is None:
+            raise
+        raise parallel.start_failure(e) from e
+    if parallel is not None:
+        parallel.watch()
+    return AsyncEngine(engine)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,13 +58,26 @@ def main(argv: list[str] | None = None) -> None:
     engine_config, server = resolve_settings(argv)
     use_persistent_compile_cache()
     logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("LLAMA3_LOG_LEVEL", server.log_level.upper())  # for tensor-parallel workers
+    from server.worker.parallel import launched_by_torchrun, torchrun_worker
+    if launched_by_torchrun() and int(os.environ["RANK"]) != 0:  # a worker rank on some host: no HTTP
+        torchrun_worker(engine_config)
+        return
     state = ServerState(server)
     holder: list = []  # the uvicorn server, for the loader to stop when the model cannot be loaded
 
     def stop() -> None:
         holder[0].should_exit = True
 
-    app = create_app(state, lambda: build_engine(engine_config), on_load_failure=stop)
+    def fatal(message: str) -> None:
+        """A fault the engine cannot recover from (a tensor-parallel rank lost): /health answers 503, the open
+        requests fail, the process exits non-zero soon, and surely within FATAL_EXIT_SECONDS."""
+        state.failure = message
+        holder[0].config.timeout_graceful_shutdown = 1.0
+        holder[0].should_exit = True
+        threading.Timer(FATAL_EXIT_SECONDS, os._exit, (1,)).start()
+
+    app = create_app(state, lambda: build_engine(engine_config, fatal), on_load_failure=stop)
     log.info("serving %s on http://%s:%d", server.served_model_name, server.host, server.port)
     config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
                             timeout_graceful_shutdown=server.shutdown_grace_seconds)
@@ -53,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         pass
     if state.load_error is not None:  # a server that can never serve exits, so that its supervisor sees it
         raise SystemExit(f"cannot serve: {state.load_error}")
+    if state.failure is not None:
+        raise SystemExit(f"cannot serve: {state.failure}")
 
 
 def draining_server():

@@ -110,6 +110,7 @@ class AsyncEngine:
             self._drain_inbox()
             if not self.engine.has_work():
                 self._stats = self.engine.stats()
+                self.engine.idle()
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
@@ -134,6 +135,7 @@ class AsyncEngine:
         for queue, loop in self._streams.values():
             _deliver(queue, loop, EngineDead("the engine shut down"))
         self._streams.clear()
+        self.engine.close()
 
 
 def _deliver(queue: asyncio.Queue, loop: asyncio.AbstractEventLoop, item) -> None:

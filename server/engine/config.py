@@ -75,6 +75,10 @@ class EngineConfig:
     seed: int = option(0, "seed of the sampler's generator, which requests that give no seed draw from: for a fixed "
                        "seed, the same requests sent one after another sample the same tokens")
     enable_prefix_caching: bool = option(True, "map a new prompt's leading full blocks onto cached ones")
+    tensor_parallel_size: int = option(
+        1, "split the model over this many ranks (tensor parallelism over torch.distributed: one CUDA device each "
+        "with NCCL, or CPU processes with gloo); on one host the server starts the other ranks itself, across hosts "
+        "torchrun starts every rank (see the README)")
     speculative_config: str | None = option(
         None, "speculative decoding, as vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": K, "
         "\"prompt_lookup_max\": N, \"prompt_lookup_min\": M} (proposals from the request's own tokens, verified "
@@ -103,6 +107,11 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs, so every running "
                              "sequence can decode in each step")
         torch.device(self.device)  # raises on a malformed device string
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError("with --tensor-parallel-size, pass --device cuda: rank r uses CUDA device r "
+                             "(CUDA_VISIBLE_DEVICES chooses which)")
         if self.speculative_config is not None:
             SpeculativeConfig.parse(self.speculative_config)  # raises, naming the problem
             if torch.device(self.device).type != "cpu":

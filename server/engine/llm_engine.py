@@ -17,7 +17,6 @@ from server.engine.output import OutputProcessor, RequestMetrics, RequestOutput,
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import Sequence
-from server.worker.cache_budget import kv_cache_blocks
 from server.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -58,24 +57,18 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, parallel=None):
+        """`parallel`: rank 0's side of a tensor-parallel group (server/worker/parallel.py), when the model is split."""
         self.config = config
         # Tests only: called with each batch before it runs, to make a step fail on purpose. Never set otherwise.
         self.fault_injector = None
         self.consecutive_failures = 0
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.model_config = loaded.config
-        max_model_len = min(config.max_model_len, loaded.model.max_seq_len)
-        dtype = loaded.model.dtype
-        num_blocks = kv_cache_blocks(config, loaded.model, max_model_len, dtype)
-        if num_blocks * config.block_size < max_model_len:  # a sequence alone must always fit
-            log.warning("the KV cache holds %d tokens, fewer than --max-model-len %d: sequences are limited to %d",
-                        num_blocks * config.block_size, max_model_len, num_blocks * config.block_size)
-            max_model_len = num_blocks * config.block_size
-        self.max_model_len = max_model_len
-        self.runner = ModelRunner(loaded.model, config.max_num_seqs, num_blocks, config.block_size,
-                                  self.max_model_len, config.device, compile_decode=not config.enforce_eager,
-                                  seed=config.seed)
+        self.runner = ModelRunner.from_config(loaded.model, config, parallel=parallel,
+                                              shard=loaded.model.shard)
+        self.max_model_len = self.runner.max_model_len
+        num_blocks = self.runner.cache.num_blocks
         speculation = config.speculation
         if speculation is not None:  # the decode step holds at most max_num_seqs rows, proposals included
             speculation = dataclasses.replace(speculation, max_rows=min(speculation.max_rows, config.max_num_seqs))
@@ -160,7 +153,18 @@ class LLMEngine:
     def healthy(self) -> bool:
         """False once several steps in a row have failed: the engine is not recovering by itself, and an
         orchestrator should restart the process (/health answers 503)."""
-        return self.consecutive_failures < UNHEALTHY_AFTER_FAILURES
+        parallel = self.runner.parallel
+        return self.consecutive_failures < UNHEALTHY_AFTER_FAILURES and (parallel is None or parallel.failure is None)
+
+    def idle(self) -> None:
+        """Called by the engine's thread while there is no work: a split model's heartbeat to its workers."""
+        if self.runner.parallel is not None:
+            self.runner.parallel.heartbeat()
+
+    def close(self) -> None:
+        """Called by the engine's thread as it stops: a split model's workers stop too."""
+        if self.runner.parallel is not None:
+            self.runner.parallel.close()
 
     def _expire(self) -> list[RequestOutput]:
         """Fail the requests past their deadline, freeing their cache blocks before anything is scheduled."""

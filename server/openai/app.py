@@ -36,6 +36,7 @@ class ServerState:
     engine: AsyncEngine | None = None
     draining: bool = False                # shutting down: new requests get 503 with Retry-After
     load_error: str | None = None
+    failure: str | None = None            # the engine cannot go on (a tensor-parallel rank lost): exiting
     created: int = field(default_factory=now)
     metrics: Metrics = field(init=False)
     completions: CompletionServing | None = field(init=False, default=None)
@@ -57,6 +58,8 @@ class ServerState:
         self.engine = engine
 
     def ready(self) -> AsyncEngine:
+        if self.failure is not None:
+            raise APIError(503, f"the engine failed: {self.failure}", type="server_error", code="engine_failed")
         if self.draining:
             raise APIError(503, "the server is shutting down; retry on another replica", type="server_error",
                            code="shutting_down")

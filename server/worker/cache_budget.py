@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 
 from model.batch import ForwardBatch, SequenceChunk
 from model.kv_cache import KVCache
+from model.parallel import Shard
 from server.engine.config import DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_KV_CACHE_MEMORY, EngineConfig
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ def cuda_kv_cache_budget(config: EngineConfig, model, max_model_len: int, dtype:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    cache = KVCache(model.config, blocks, config.block_size, dtype=dtype, device=device)
+    cache = KVCache(model.layer_config, blocks, config.block_size, dtype=dtype, device=device)
     warmup = SequenceChunk(0, 0, [0] * tokens, blocks=tuple(range(blocks)))
     model(ForwardBatch.build([warmup], device, config.block_size), cache)
     torch.cuda.synchronize(device)
@@ -46,7 +48,7 @@ def kv_cache_blocks(config: EngineConfig, model, max_model_len: int, dtype: torc
     """Blocks the KV cache gets: --kv-cache-memory bytes; on CUDA, --gpu-memory-utilization (0.9 by default, as
     vLLM) measured by cuda_kv_cache_budget; else room for every sequence at full length, at most
     DEFAULT_KV_CACHE_MEMORY."""
-    per_block = KVCache.bytes_per_token(model.config, dtype) * config.block_size
+    per_block = KVCache.bytes_per_token(model.layer_config, dtype) * config.block_size
     if config.kv_cache_memory is not None:
         budget = config.kv_cache_memory
     elif torch.device(config.device).type == "cuda":
@@ -60,3 +62,20 @@ def kv_cache_blocks(config: EngineConfig, model, max_model_len: int, dtype: torc
         raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {config.block_size} tokens "
                          f"({per_block} bytes)")
     return int(blocks)
+
+
+def cache_layout(config: EngineConfig, model, shard: Shard = Shard()) -> tuple[int, int]:
+    """(blocks, max_model_len): the KV cache's blocks and the longest sequence it serves. A split model's ranks
+    each measure their own budget and take the smallest block count (a collective: every rank calls this)."""
+    max_model_len = min(config.max_model_len, model.max_seq_len)
+    num_blocks = kv_cache_blocks(config, model, max_model_len, model.dtype)
+    if shard.split:
+        count = torch.tensor([num_blocks], dtype=torch.long)
+        count = count.to(config.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        num_blocks = int(count.item())
+    if num_blocks * config.block_size < max_model_len:  # a sequence alone must always fit
+        log.warning("the KV cache holds %d tokens, fewer than --max-model-len %d: sequences are limited to %d",
+                    num_blocks * config.block_size, max_model_len, num_blocks * config.block_size)
+        max_model_len = num_blocks * config.block_size
+    return num_blocks, max_model_len

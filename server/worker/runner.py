@@ -10,9 +10,12 @@ from model.batch import ForwardBatch, SequenceChunk, to_device
 from model.kv_cache import KVCache
 from model.loading import return_freed_memory
 from model.llama import Llama
+from model.parallel import Shard
+from server.engine.config import EngineConfig
 from server.engine.output import TokenLogprob
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
+from server.worker.cache_budget import cache_layout
 from server.worker.decode import prepared_decode_step
 from server.worker.sampler import Sampler, SamplerOutput, SampleRow
 
@@ -20,13 +23,19 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
+    """`parallel`: rank 0's side of a tensor-parallel group (server/worker/parallel.py), to which each step's chunks
+    are sent before the forward pass; None on one device and on the other ranks, which call `forward` with what
+    rank 0 sent."""
+
     def __init__(self, model: Llama, num_slots: int, num_blocks: int, block_size: int, max_model_len: int,
-                 device: torch.device | str, compile_decode: bool = False, seed: int | None = None):
+                 device: torch.device | str, compile_decode: bool = False, seed: int | None = None,
+                 parallel=None):
         self.model = model
+        self.parallel = parallel
         self.device = torch.device(device)
         self.max_model_len = max_model_len
         dtype = model.dtype
-        self.cache = KVCache(model.config, num_blocks, block_size, dtype=dtype, device=self.device)
+        self.cache = KVCache(model.layer_config, num_blocks, block_size, dtype=dtype, device=self.device)
         self.sampler = Sampler(num_slots, model.config.vocab_size, self.device, seed=seed)
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %s, %.1f MiB", num_blocks, block_size,
                  self.cache.num_tokens, dtype, self.cache.nbytes / 2**20)
@@ -34,6 +43,13 @@ class ModelRunner:
         if compile_decode:
             self.decode_step = prepared_decode_step(model, self.cache, num_slots, max_model_len, self.device)
             return_freed_memory()  # what compiling freed (its graphs and buffers) back to the OS
+
+    @classmethod
+    def from_config(cls, model: Llama, config: EngineConfig, parallel=None, shard: Shard = Shard()) -> ModelRunner:
+        """The runner the flags describe: the KV cache sized by them (the same block count on every rank)."""
+        num_blocks, max_model_len = cache_layout(config, model, shard)
+        return cls(model, config.max_num_seqs, num_blocks, config.block_size, max_model_len, config.device,
+                   compile_decode=not config.enforce_eager, seed=config.seed, parallel=parallel)
 
     def start_sequence(self, seq: Sequence) -> None:
         seq.generator = self.sampler.start_sequence(seq.slot, seq.prompt_ids, seq.params, seq.index)
@@ -50,6 +66,21 @@ class ModelRunner:
                 chunks.append(SequenceChunk(c.seq.slot, c.start, c.token_ids,
                                             all_logits=self._wants_prompt_logprobs(c), decode=c.decode,
                                             blocks=blocks))
+        if self.parallel is None:
+            logits = self.forward(chunks)
+        else:
+            self._check_positions(chunks)  # before the other ranks start: a refused batch leaves them in step
+            self.parallel.begin_step(chunks)
+            try:
+                logits = self.forward(chunks)
+            except Exception as e:  # the other ranks may wait in a collective this rank never reaches
+                self.parallel.fail(f"a tensor-parallel step failed on rank 0 ({type(e).__name__}: {e})")
+                raise
+            self.parallel.end_step()
+        return self._sample(batch, chunks, logits)
+
+    def forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+        """Logits of the chunks' rows that need them, in chunk order (every rank of a split model runs this)."""
         if self.decode_step is None:
             logits = self.model(ForwardBatch.build(chunks, self.device, self.cache.block_size), self.cache)
         else:
@@ -66,7 +97,10 @@ class ModelRunner:
                 prompt = ForwardBatch.build(chunks[num_decode:], self.device, self.cache.block_size)
                 parts.append(self.model(prompt, self.cache))  # [M - B, vocab]
             logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return logits
 
+    def _sample(self, batch: ScheduledBatch, chunks: list[SequenceChunk], logits: torch.Tensor
+                ) -> SamplerOutput | None:
         sample_rows, rows, offset, i = [], [], 0, 0  # i: the scheduled chunk's first entry in `chunks`
         for scheduled in batch.chunks:
             if scheduled.proposed:  # verified greedily: each row's argmax, as the sampler's greedy rows take it
