@@ -5,6 +5,7 @@ about the server agrees with the code: probe paths and ports, the metric the aut
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import kubernetes_validate
@@ -25,6 +26,9 @@ SCALED_OBJECT_SPEC = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "in
 PROMETHEUS_TRIGGER = {"serverAddress", "query", "threshold", "activationThreshold", "namespace", "customHeaders",
                       "ignoreNullValues", "unsafeSsl", "queryParameters"}
 INFERENCE_POOL_SPEC = {"selector", "targetPorts", "endpointPickerRef"}
+# LeaderWorkerSet v1 (kubernetes-sigs/lws): the spec and its leaderWorkerTemplate.
+LWS_SPEC = {"replicas", "leaderWorkerTemplate", "rolloutStrategy", "startupPolicy", "networkConfig"}
+LWS_TEMPLATE = {"size", "leaderTemplate", "workerTemplate", "restartPolicy", "subGroupPolicy"}
 ENDPOINT_PICKER_REF = {"group", "kind", "name", "port", "failureMode"}
 
 
@@ -38,7 +42,61 @@ def test_there_is_a_cpu_and_a_gpu_variant_with_every_piece():
         kinds.setdefault(path.parent.name, set()).add(doc["kind"])
     expected = {"Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim", "ScaledObject",
                 "HorizontalPodAutoscaler", "InferencePool"}
-    assert kinds == {"cpu": expected, "gpu": expected}
+    assert kinds == {"cpu": expected, "gpu": expected,
+                     "multi-gpu": {"Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim"},
+                     "multi-host": {"LeaderWorkerSet", "Service", "PersistentVolumeClaim"}}
+
+
+def server_arguments(container: dict) -> list[str]:
+    """The arguments `python -m server` gets: the container's, or those after `-m server` in its torchrun line."""
+    if container.get("command") == ["sh", "-c"]:
+        words = shlex.split(container["args"][0])
+        assert words[:2] == ["exec", "torchrun"] and words[words.index("-m") + 1] == "server", words
+        return words[words.index("-m") + 2:]
+    return container["args"]
+
+
+def torchrun_ranks(container: dict) -> tuple[int, str]:
+    words = shlex.split(container["args"][0])
+    return int(words[words.index("--nproc-per-node") + 1]), words[words.index("--nnodes") + 1]
+
+
+def test_leader_worker_sets_use_published_fields_and_valid_pods():
+    for path, doc in documents():
+        if doc["kind"] != "LeaderWorkerSet":
+            continue
+        assert doc["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
+        assert set(doc["spec"]) <= LWS_SPEC and set(doc["spec"]["leaderWorkerTemplate"]) <= LWS_TEMPLATE, path
+        for role in ("leaderTemplate", "workerTemplate"):
+            template = doc["spec"]["leaderWorkerTemplate"][role]
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", **template["metadata"]},
+                   "spec": template["spec"]}
+            kubernetes_validate.validate(pod, kubernetes_validate.utils.latest_version(), strict=True)
+
+
+def test_tensor_parallel_manifests_give_each_rank_a_device():
+    """The GPUs a pod asks for, times the pods of a group, are the ranks its config splits the model over; torchrun
+    takes the group's size and each pod's index from LeaderWorkerSet's variables; the grace period exceeds the
+    server's drain."""
+    for path, doc in documents():
+        if path.parent.name not in ("multi-gpu", "multi-host") or doc["kind"] not in ("Deployment", "LeaderWorkerSet"):
+            continue
+        if doc["kind"] == "Deployment":
+            templates = [(doc["spec"]["template"], 1)]
+        else:
+            group = doc["spec"]["leaderWorkerTemplate"]
+            templates = [(group["leaderTemplate"], group["size"]), (group["workerTemplate"], group["size"])]
+        for template, size in templates:
+            (container,) = template["spec"]["containers"]
+            args = build_parser().parse_args(server_arguments(container))
+            config = yaml.safe_load((ROOT / args.config).read_text())
+            gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+            if doc["kind"] == "LeaderWorkerSet":
+                per_pod, nodes = torchrun_ranks(container)
+                assert nodes == "$LWS_GROUP_SIZE" and '--node-rank "$LWS_WORKER_INDEX"' in container["args"][0]
+                assert per_pod == gpus
+            assert gpus * size == config["tensor_parallel_size"], path
+            assert template["spec"]["terminationGracePeriodSeconds"] > args.shutdown_grace_seconds
 
 
 @pytest.mark.parametrize("path, doc", [d for d in documents() if "k8s.io" not in d[1]["apiVersion"]
@@ -72,13 +130,16 @@ def test_manifests_agree_with_the_server(tiny_server):
     exported |= {f"{name}_total" for name in exported}
     for path, doc in documents():
         variant = {d["kind"]: d for p, d in documents() if p.parent == path.parent}
-        if doc["kind"] == "Deployment":
-            pod = doc["spec"]["template"]
-            assert doc["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        if doc["kind"] in ("Deployment", "LeaderWorkerSet"):
+            if doc["kind"] == "Deployment":
+                pod = doc["spec"]["template"]
+                assert doc["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+            else:  # the leader serves HTTP
+                pod = doc["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
             (container,) = pod["spec"]["containers"]
-            args = build_parser().parse_args(container["args"])  # every argument is a flag the CLI accepts
+            args = build_parser().parse_args(server_arguments(container))  # every argument is a flag the CLI accepts
             assert (ROOT / args.config).is_file(), args.config
-            (port,) = container["ports"]
+            port = container["ports"][0]
             assert port["containerPort"] == args.port == 8000  # and the Dockerfile's EXPOSE
             assert "EXPOSE 8000" in (ROOT / "Dockerfile").read_text()
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -87,8 +148,12 @@ def test_manifests_agree_with_the_server(tiny_server):
                 "readOnlyRootFilesystem"]
             assert "/data" in {m["mountPath"] for m in container["volumeMounts"]}  # the image's HF_HOME and cache
             assert pod["metadata"]["annotations"]["prometheus.io/path"] in routes
-        if doc["kind"] == "Service":
+        if doc["kind"] == "Service" and "Deployment" in variant:
             assert doc["spec"]["selector"] == variant["Deployment"]["spec"]["selector"]["matchLabels"]
+        if doc["kind"] == "Service" and "LeaderWorkerSet" in variant:  # the leaders alone
+            leader = variant["LeaderWorkerSet"]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+            assert doc["spec"]["selector"].items() <= leader["metadata"]["labels"].items()
+            assert doc["spec"]["selector"]["role"] == "leader"
         if doc["kind"] == "ScaledObject":
             assert doc["spec"]["scaleTargetRef"]["name"] == variant["Deployment"]["metadata"]["name"]
             query = doc["spec"]["triggers"][0]["metadata"]["query"]
