@@ -37,7 +37,8 @@ from server.engine.config import EngineConfig
 log = logging.getLogger(__name__)
 
 GROUP_TIMEOUT = timedelta(minutes=30)  # any one collective, start-up's included (ranks load at their own pace)
-STEP_TIMEOUT = 120.0                   # seconds a step may take before rank 0 declares a rank hung
+# seconds a step may take before rank 0 declares a rank hung (the environment variable: for tests)
+STEP_TIMEOUT = float(os.environ.get("LLAMA3_TP_STEP_TIMEOUT", "120"))
 HEARTBEAT_SECONDS = 5.0                # rank 0's message to idle workers
 WATCH_SECONDS = 0.25
 
@@ -122,8 +123,8 @@ class TensorParallel:
     # --- steps -------------------------------------------------------------------------------------------------
     def begin_step(self, chunks: list) -> None:
         """Send the step's chunks to every rank; the forward pass that follows must run on all of them."""
+        self._step_started = time.monotonic()  # a broadcast waits for its receivers too
         self._send(("step", chunks))
-        self._step_started = time.monotonic()
 
     def end_step(self) -> None:
         self._step_started = None
@@ -131,10 +132,12 @@ class TensorParallel:
     def heartbeat(self) -> None:
         """Called by the idle engine: a message every HEARTBEAT_SECONDS at most."""
         if time.monotonic() - self._last_message >= HEARTBEAT_SECONDS and not self._failed.is_set():
+            self._step_started = time.monotonic()
             try:
                 self._send(("ping",))
             except Exception as e:  # noqa: BLE001 - a lost rank: reported, the server exits
                 self.fail(f"a tensor-parallel worker is unreachable ({type(e).__name__}: {e})")
+            self._step_started = None
 
     def close(self) -> None:
         """Stop the workers (they exit 0), from the engine's thread."""
@@ -166,6 +169,10 @@ class TensorParallel:
             time.sleep(0.05)
         self.failure = message = self._lost_worker() or message
         log.critical("%s", message)
+        # The group is unusable: stop the local workers, so that a collective rank 0 waits in fails now (and the
+        # running requests with it) rather than at the group's timeout.
+        for process in self._processes.values():
+            process.kill()
         if self._on_fatal is not None:
             self._on_fatal(message)
         else:
@@ -187,7 +194,7 @@ class TensorParallel:
                 return
             started = self._step_started
             if started is not None and time.monotonic() - started > STEP_TIMEOUT:
-                self.fail(f"a tensor-parallel step has not finished within {STEP_TIMEOUT:.0f} s: a rank is hung")
+                self.fail(f"a tensor-parallel step has not finished within {STEP_TIMEOUT:g} s: a rank is hung")
                 return
             time.sleep(WATCH_SECONDS)
 

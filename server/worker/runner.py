@@ -70,12 +70,12 @@ class ModelRunner:
             logits = self.forward(chunks)
         else:
             self._check_positions(chunks)  # before the other ranks start: a refused batch leaves them in step
-            self.parallel.begin_step(chunks)
             try:
+                self.parallel.begin_step(chunks)
                 logits = self.forward(chunks)
             except Exception as e:  # the other ranks may wait in a collective this rank never reaches
                 self.parallel.fail(f"a tensor-parallel step failed on rank 0 ({type(e).__name__}: {e})")
-                raise
+                raise RuntimeError(f"the tensor-parallel group failed: {self.parallel.failure}") from e
             self.parallel.end_step()
         return self._sample(batch, chunks, logits)
 

@@ -49,12 +49,12 @@ class Served:
         raise AssertionError(f"no metric {name}")
 
 
-def start(args: list[str], log_path: Path) -> Served:
+def start(args: list[str], log_path: Path, **env: str) -> Served:
     port = free_port()
     log = log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning", *args],
                             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
     return Served(proc, f"http://127.0.0.1:{port}", log_path)
 
 
@@ -212,3 +212,29 @@ def test_the_default_model_split_three_ways_agrees_teacher_forced(tmp_path):
         pairs = [(a, b) for text in texts for a, b in zip(top1(one, text), top1(three, text))]
     agreement = sum(a == b for a, b in pairs) / len(pairs)
     assert len(pairs) > 500 and agreement >= 0.97, agreement
+
+
+def test_a_hung_worker_ends_the_server_within_the_step_timeout(tmp_path):
+    """A worker stopped (SIGSTOP) mid-request: rank 0 waits for it in a collective, its watchdog gives up after the
+    step timeout (5 s here), and the server exits non-zero with the request failed."""
+    directory = tmp_path / "tiny"
+    write_checkpoint(directory, LAYOUTS["single-tied"])
+    served = start(["--model", str(directory), "--served-model-name", "tiny", "--dtype", "float32",
+                    "--quantization", "none", "--tensor-parallel-size", "2", "--enforce-eager"],
+                   tmp_path / "server.log", LLAMA3_TP_STEP_TIMEOUT="5")
+    try:
+        wait_ready(served)
+        workers = subprocess.run(["pgrep", "-P", str(served.proc.pid), "-f", "spawn_main"], capture_output=True,
+                                 text=True)
+        worker = int(workers.stdout.split()[0])
+        os.kill(worker, signal.SIGSTOP)
+        stopped = time.monotonic()
+        response = served.post("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 5})
+        assert response.status_code == 500 and response.json()["error"]["type"] == "server_error", response.text
+        assert served.proc.wait(timeout=30) != 0
+        assert 5 <= time.monotonic() - stopped < 30
+        assert "has not finished within 5 s" in served.log()
+        assert "the tensor-parallel group failed" in response.json()["error"]["message"]
+    finally:
+        subprocess.run(["pkill", "-9", "-P", str(served.proc.pid)], check=False)
+        stop(served)
