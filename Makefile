@@ -7,6 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 SERVE_ARGS ?=
+# pytest-xdist workers; each test file runs in one worker, so its module's servers are started once
+TEST_WORKERS ?= 2
 
 .PHONY: install serve test test-fast bench clean
 
@@ -24,10 +26,10 @@ serve: install
 	$(PY) -m server $(SERVE_ARGS)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
