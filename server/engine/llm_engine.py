@@ -230,6 +230,8 @@ class LLMEngine:
         self.spec_drafts_total += 1
         self.spec_draft_tokens_total += len(proposals)
         self.spec_accepted_tokens_total += accepted
+        seq.num_draft_tokens += len(proposals)
+        seq.num_accepted_tokens += accepted
         for i in range(accepted):
             self.spec_accepted_per_position[i] += 1
         request = self.requests.get(seq.request_id)
@@ -293,6 +295,8 @@ class LLMEngine:
             num_prompt_tokens=len(request.prompt_ids),
             num_generated_tokens=sum(len(s.output_ids) for s in seqs),
             num_cached_tokens=seqs[0].num_cached_tokens or 0,
+            num_draft_tokens=sum(s.num_draft_tokens for s in seqs),
+            num_accepted_tokens=sum(s.num_accepted_tokens for s in seqs),
         )
         return RequestOutput(request.request_id, request.prompt_ids, deltas, finished=True, metrics=metrics)
 

@@ -37,6 +37,8 @@ class RequestMetrics:
     num_prompt_tokens: int
     num_generated_tokens: int
     num_cached_tokens: int = 0   # prompt tokens whose K/V came from the prefix cache
+    num_draft_tokens: int = 0    # speculative proposals verified (every sample's)
+    num_accepted_tokens: int = 0  # of which accepted
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -36,6 +36,8 @@ class Sequence:
     num_computed: int = 0                # tokens whose K/V are in the cache
     num_cached_tokens: int | None = None # prompt tokens found in the prefix cache when first admitted
     num_preemptions: int = 0
+    num_draft_tokens: int = 0            # speculative proposals verified for it
+    num_accepted_tokens: int = 0         # of which accepted
     status: Status = Status.WAITING
     finish_reason: str | None = None     # "stop", "length", "abort", "error"
     stop_reason: str | int | None = None # the stop string or stop token that ended it

@@ -319,6 +319,11 @@ class Serving:
             log.info("request %s text: prompt %r, outputs %r", out.request_id,
                      self.tokenizer.decode(out.prompt_token_ids), outputs)
         ttft = m.time_to_first_token
-        log.info("request %s: prompt %d tokens, completion %d tokens, ttft %s, e2e %s",
+        speculation = ""
+        if m.num_draft_tokens:  # speculative decoding: its acceptance, as vLLM reports it in aggregate
+            speculation = (f", speculation accepted {m.num_accepted_tokens} of {m.num_draft_tokens} proposed tokens "
+                           f"({m.num_accepted_tokens / m.num_draft_tokens:.0%})")
+        log.info("request %s: prompt %d tokens, completion %d tokens, ttft %s, e2e %s%s",
                  out.request_id, m.num_prompt_tokens, m.num_generated_tokens,
-                 "-" if ttft is None else f"{ttft:.3f}s", "-" if m.e2e_latency is None else f"{m.e2e_latency:.3f}s")
+                 "-" if ttft is None else f"{ttft:.3f}s", "-" if m.e2e_latency is None else f"{m.e2e_latency:.3f}s",
+                 speculation)

@@ -17,6 +17,7 @@ class Result:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: BaseException | None = None
+    metrics: object = None  # the request's RequestMetrics, on its first sample's result
 
 
 def make_engine(loaded, **overrides) -> LLMEngine:
@@ -29,6 +30,8 @@ def collect(outputs, results: dict) -> None:
     for out in outputs:
         if out.error is not None:
             results.setdefault((out.request_id, 0), Result()).error = out.error
+        if out.metrics is not None:
+            results.setdefault((out.request_id, 0), Result()).metrics = out.metrics
         for d in out.deltas:
             r = results.setdefault((out.request_id, d.index), Result())
             r.text += d.text

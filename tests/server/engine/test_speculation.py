@@ -89,6 +89,11 @@ def test_greedy_outputs_are_unchanged_and_proposals_are_accepted(smollm_bf16):
     stats = engine.stats()
     assert stats.spec_drafts_total > 0 and stats.spec_accepted_tokens_total > stats.spec_drafts_total // 2
     assert stats.spec_accepted_per_position[0] >= stats.spec_accepted_per_position[-1]
+    # each request's own counts (the request log's acceptance) add up to the engine's, over both runs
+    metrics = [r[(rid, 0)].metrics for r in (together, alone) for rid in requests]
+    assert sum(m.num_draft_tokens for m in metrics) == stats.spec_draft_tokens_total
+    assert sum(m.num_accepted_tokens for m in metrics) == stats.spec_accepted_tokens_total
+    assert all(0 <= m.num_accepted_tokens <= m.num_draft_tokens for m in metrics)
     assert_all_slots_free(engine)
 
 
