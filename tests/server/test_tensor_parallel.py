@@ -20,6 +20,8 @@ import httpx
 import jsonschema
 import pytest
 
+from bench.launch import stop as stop_server
+from bench.launch import wait_healthy
 from tests.model.checkpoint.test_loading import LAYOUTS, write_checkpoint
 from tests.server.conftest import free_port
 
@@ -59,26 +61,15 @@ def start(args: list[str], log_path: Path, **env: str) -> Served:
 
 
 def wait_ready(served: Served, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert served.proc.poll() is None, f"the server exited early:\n{served.log()}"
-        assert time.monotonic() < deadline, f"never ready:\n{served.log()}"
-        try:
-            if httpx.get(f"{served.url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    try:
+        wait_healthy(served.url, served.proc, timeout)
+    except RuntimeError as e:
+        raise AssertionError(f"{e}:\n{served.log()}") from None
 
 
 def stop(served: Served) -> None:
     if served.proc.poll() is None:
-        served.proc.send_signal(signal.SIGTERM)
-        try:
-            served.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            served.proc.kill()
-            served.proc.wait()
+        stop_server(served.proc)
 
 
 @contextmanager
