@@ -17,6 +17,7 @@ from server.engine.output import OutputProcessor, RequestMetrics, RequestOutput,
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import Sequence
+from server.engine.speculation import accepted_length
 from server.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -224,9 +225,7 @@ class LLMEngine:
         greedy token after it, appended one by one as plain decoding would (stop strings, stop tokens and
         max_tokens end it where they would); the cache keeps the K/V of the newest token and accepted proposals."""
         seq, targets, proposals = chunk.seq, chunk.verified, chunk.token_ids[1:]
-        accepted = 0
-        while accepted < len(proposals) and proposals[accepted] == targets[accepted]:
-            accepted += 1
+        accepted = accepted_length(proposals, targets)
         self.spec_drafts_total += 1
         self.spec_draft_tokens_total += len(proposals)
         self.spec_accepted_tokens_total += accepted

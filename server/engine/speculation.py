@@ -5,12 +5,20 @@ prompt or output proposes the k tokens that followed that occurrence. The step t
 proposals as 1 + k decode rows at successive positions: every row is computed exactly as one step per token would
 compute it (packed kernels and elementwise code per row; the attention kernel writes every row's K/V before any
 row attends), so row j's logits are those one-at-a-time decoding would give after accepting proposals 0..j-1.
-Greedy acceptance keeps the longest prefix of proposals equal to the rows' argmax, plus the argmax after it: the
-output is the one without speculation, token for token. K/V rows of rejected proposals lie past the sequence's
-length, where its next steps overwrite them; the prefix cache only ever registers blocks of accepted tokens.
+Acceptance keeps the longest prefix of proposals equal to the rows' own choices, plus the choice after it. Greedy,
+a row's choice is its argmax. Sampled (temperature, top-k, top-p, min-p), each row is sampled from its own
+logits with the noise plain decoding would draw at that position (a seeded sequence's generator is wound back
+to match what was emitted; server/worker/runner.py), so the emitted tokens are exactly the ones plain decoding
+samples: the target's distribution, and for a seed the same tokens. Either way the output is the one without
+speculation, token for token. (vLLM's rejection sampling keeps the distribution but not the tokens; with
+proposals that are one token each, accepting exactly when the sampled token equals the proposal is that
+rejection sampling with its residual draw made from the same noise.) K/V rows of rejected proposals lie past
+the sequence's length, where its next steps overwrite them; the prefix cache only ever registers blocks of
+accepted tokens.
 
-Only greedy requests with nothing between the logits and the argmax speculate (no logprobs, penalties,
-logit_bias, min_tokens or grammar); the others decode one token a step beside them. Load-aware: proposals are
+Requests with something between the logits and their sampling that depends on the tokens before (penalties,
+min_tokens, a grammar; logit_bias too, for now), or that ask for logprobs, decode one token a step beside the
+speculating ones. Load-aware: proposals are
 made only while a step's decode rows stay within `max_rows` (extra rows cost real compute once a step is no
 longer bound by reading the weights), so at many streams nothing changes.
 """
@@ -72,6 +80,14 @@ class SpeculativeConfig:
         return cls(method, ints["num_speculative_tokens"], hi, lo, ints["max_rows"])
 
 
+def accepted_length(proposals: list[int], targets: list[int]) -> int:
+    """How many leading proposals equal the verify rows' tokens (the target's choices at those positions)."""
+    accepted = 0
+    while accepted < len(proposals) and proposals[accepted] == targets[accepted]:
+        accepted += 1
+    return accepted
+
+
 def propose(tokens: list[int], k: int, longest: int, shortest: int) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the longest suffix of `tokens` (from `longest`
     down to `shortest` tokens) found earlier in them; [] when none occurs."""
@@ -89,8 +105,9 @@ def propose(tokens: list[int], k: int, longest: int, shortest: int) -> list[int]
 
 
 def can_speculate(seq: Sequence) -> bool:
-    """Greedy with nothing between the logits and the argmax, and at its newest token (not replaying generated
-    tokens after a preemption)."""
+    """Nothing between the logits and the choice that depends on the tokens before (greedy, or sampled with
+    temperature, top-k, top-p, min-p), no logprobs, and at its newest token (not replaying generated tokens after
+    a preemption)."""
     p = seq.params
-    return (p.greedy and p.logprobs is None and not p.needs_penalties and not p.logit_bias and p.min_tokens == 0
+    return (p.logprobs is None and not p.needs_penalties and not p.logit_bias and p.min_tokens == 0
             and seq.matcher is None and seq.num_computed == seq.num_tokens - 1)

@@ -15,6 +15,7 @@ from server.engine.config import EngineConfig
 from server.engine.output import TokenLogprob
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
+from server.engine.speculation import accepted_length
 from server.worker.cache_budget import cache_layout
 from server.worker.decode import prepared_decode_step
 from server.worker.sampler import Sampler, SamplerOutput, SampleRow
@@ -102,10 +103,18 @@ class ModelRunner:
     def _sample(self, batch: ScheduledBatch, chunks: list[SequenceChunk], logits: torch.Tensor
                 ) -> SamplerOutput | None:
         sample_rows, rows, offset, i = [], [], 0, 0  # i: the scheduled chunk's first entry in `chunks`
+        verifying = []  # sampled speculative chunks: (chunk, its first entry in `rows`, its generator's state)
         for scheduled in batch.chunks:
-            if scheduled.proposed:  # verified greedily: each row's argmax, as the sampler's greedy rows take it
-                n = 1 + scheduled.proposed
-                scheduled.verified = logits[offset:offset + n].argmax(dim=-1).tolist()
+            if scheduled.proposed:
+                n, seq = 1 + scheduled.proposed, scheduled.seq
+                if seq.params.greedy:  # each row's argmax, as the sampler's greedy rows take it
+                    scheduled.verified = logits[offset:offset + n].argmax(dim=-1).tolist()
+                else:  # each row sampled as plain decoding samples that position (see _take_verified)
+                    verifying.append((scheduled, len(rows), None if seq.generator is None
+                                      else seq.generator.get_state()))
+                    sample_rows += range(offset, offset + n)
+                    rows += [SampleRow(seq.slot, seq.params, seq.generator, len(seq.output_ids) + j,
+                                       seq.eos_token_ids) for j in range(n)]
                 offset, i = offset + n, i + n
                 continue
             chunk, i = chunks[i], i + 1
@@ -123,7 +132,28 @@ class ModelRunner:
         if sample_rows != list(range(logits.shape[0])):  # else every row samples, in order: no copy
             logits = logits.index_select(0, to_device(sample_rows, self.device))
         with torch.inference_mode():  # the forward's logits are inference tensors, which the sampler updates
-            return self.sampler.sample(logits, rows)
+            out = self.sampler.sample(logits, rows)
+        return self._take_verified(out, verifying) if verifying else out
+
+    def _take_verified(self, out: SamplerOutput, verifying: list) -> SamplerOutput | None:
+        """The sampled verify rows' tokens become their chunks' `verified` and leave the output. Row j was sampled
+        from its own logits with the noise plain decoding would draw at that position (a seeded sequence draws
+        one block from its generator per sampled row), so the tokens the engine emits (the accepted proposals and
+        the token after them) are the ones plain decoding would have sampled: a seeded generator is then set back
+        to where it would be after drawing for those tokens alone."""
+        taken = set()
+        for scheduled, first, state in verifying:
+            n = 1 + scheduled.proposed
+            scheduled.verified = out.token_ids[first:first + n]
+            taken.update(range(first, first + n))
+            if state is not None:
+                emitted = accepted_length(scheduled.token_ids[1:], scheduled.verified) + 1
+                self.sampler.redraw(scheduled.seq.generator, state, emitted)
+        keep = [j for j in range(len(out.token_ids)) if j not in taken]
+        if not keep:
+            return None
+        return SamplerOutput(*([values[j] for j in keep] for values in (out.token_ids, out.logprobs,
+                                                                        out.top_token_ids, out.top_logprobs)))
 
     def _check_positions(self, chunks: list[SequenceChunk]) -> None:
         """What the eager forward checks, for the compiled step (which cannot)."""

@@ -243,6 +243,14 @@ class Sampler:
         # would pick.
         return q.clamp_min_(torch.finfo(q.dtype).tiny)
 
+    def redraw(self, generator: torch.Generator, state: torch.Tensor, rows: int) -> None:
+        """Set a seeded sequence's generator to `state` and draw `rows` sampled rows' noise from it, as
+        `_exponential_noise` draws one row's (a block of vocab-size float32 draws)."""
+        generator.set_state(state)
+        block = torch.empty(self.vocab_size, dtype=torch.float32, device=self.device)
+        for _ in range(rows):
+            block.exponential_(generator=generator)
+
     def _to_host(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None,
                  rows: list[SampleRow]) -> SamplerOutput:
         B = len(rows)

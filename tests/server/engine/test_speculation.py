@@ -97,18 +97,31 @@ def test_greedy_outputs_are_unchanged_and_proposals_are_accepted(smollm_bf16):
     assert_all_slots_free(engine)
 
 
-def test_sampled_and_logprob_requests_decode_one_token_a_step_beside_speculating_ones(smollm_bf16):
+def test_seeded_sampled_requests_speculate_and_sample_the_tokens_plain_decoding_samples(smollm_bf16):
+    """Sampled requests with a seed (temperature alone; with top-k, top-p and min-p) speculate, beside a greedy one
+    and one asking for logprobs (which decodes one token a step), and give the tokens they give without
+    speculation: each verify row is sampled with the noise plain decoding draws at that position."""
     tok = smollm_bf16.tokenizer
-    ids = tok.encode(TEXTS[0])
+    ids = tok.encode(TEXTS[0])  # a list to copy: proposals get accepted
+    requests = {
+        "greedy": (ids, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)),
+        "logprobs": (ids, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=2)),
+        "warm": (ids, SamplingParams(temperature=0.3, seed=3, max_tokens=32, ignore_eos=True)),
+        "filtered": (ids, SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, seed=11, max_tokens=32,
+                                         ignore_eos=True)),
+    }
+    plain = run(make_engine(smollm_bf16), requests)
     engine = make_engine(smollm_bf16, speculative_config=NGRAM)
-    out = run(engine, {"greedy": (ids, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)),
-                       "logprobs": (ids, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)),
-                       "sampled": (ids, SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True))})
-    assert out[("greedy", 0)].token_ids == out[("logprobs", 0)].token_ids
-    assert engine.stats().spec_drafts_total <= 24  # only the first request speculated
-    alone = run(make_engine(smollm_bf16), {"sampled": (ids, SamplingParams(temperature=0.8, seed=3, max_tokens=24,
-                                                                           ignore_eos=True))})
-    assert out[("sampled", 0)].token_ids == alone[("sampled", 0)].token_ids  # seeded: reproducible beside it
+    together = run(engine, requests)
+    alone = run(engine, {"warm": requests["warm"]})
+    for rid in requests:
+        assert together[(rid, 0)].token_ids == plain[(rid, 0)].token_ids, rid
+    assert alone[("warm", 0)].token_ids == plain[("warm", 0)].token_ids
+    assert together[("logprobs", 0)].metrics.num_draft_tokens == 0
+    for rid in ("warm", "filtered"):
+        m = together[(rid, 0)].metrics
+        assert m.num_draft_tokens > 0, rid  # it did speculate
+    assert together[("warm", 0)].metrics.num_accepted_tokens > 0
     assert_all_slots_free(engine)
 
 
