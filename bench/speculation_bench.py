@@ -1,12 +1,12 @@
 """Speculative decoding on and off, side by side over HTTP, on the default model.
 
-    python bench/speculation_bench.py [--rounds 2] [--spec '{"method": "ngram", ...}']
+    python bench/speculation_bench.py [--rounds 2] [--spec '{"method": "ngram", ...}'] [--temperature 0]
 
 Two workloads, written to JSON-lines files of completion prompts: input-grounded (the answer copies from the
 prompt: a code file rewritten with one change, a passage quoted, a list continued) and free-form (short questions
 to write about). For each round, our server is started without and then with `--speculative-config` (alternated),
-and our load client (`python -m server.bench`) drives each workload at 1 and at 16 concurrent streams, greedy,
-128 output tokens (ignore_eos). Prints output tok/s and time per output token for each, the ratio on / off, and the
+and our load client (`python -m server.bench`) drives each workload at 1 and at 16 concurrent streams, greedy
+(or sampled at `--temperature`), 128 output tokens (ignore_eos). Prints output tok/s and time per output token for each, the ratio on / off, and the
 acceptance (from the server's vLLM spec_decode counters on /metrics).
 """
 
@@ -81,10 +81,10 @@ def spec_counters(url: str) -> tuple[float, float, float]:
         value("spec_decode_num_accepted_tokens")
 
 
-def bench(url: str, dataset: Path, concurrency: int, out: Path) -> dict:
+def bench(url: str, dataset: Path, concurrency: int, out: Path, temperature: float) -> dict:
     num = 8 if concurrency == 1 else 16
     subprocess.run([sys.executable, "-m", "server.bench", "--base-url", url, "--dataset", str(dataset),
-                    "--output-len", "128", "--temperature", "0", "--max-concurrency", str(concurrency),
+                    "--output-len", "128", "--temperature", str(temperature), "--max-concurrency", str(concurrency),
                     "--num-prompts", str(num), "--warmup", "1", "--no-progress", "--json", str(out)],
                    check=True, capture_output=True, cwd=ROOT)
     return json.loads(out.read_text())["runs"][0]["summary"]
@@ -94,6 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--spec", default=SPEC)
+    parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="spec-bench-"))
     datasets = {}
@@ -113,7 +114,8 @@ def main() -> None:
                 for name, dataset in datasets.items():
                     for concurrency in (1, 16):
                         before = spec_counters(url)
-                        s = bench(url, dataset, concurrency, work / f"{mode}-{name}-{concurrency}-{round_}.json")
+                        s = bench(url, dataset, concurrency, work / f"{mode}-{name}-{concurrency}-{round_}.json",
+                                  args.temperature)
                         after = spec_counters(url)
                         drafts, proposed, accepted = (a - b for a, b in zip(after, before))
                         rows.append((round_, name, concurrency, mode, s["output_token_throughput"],
