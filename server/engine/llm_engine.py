@@ -238,8 +238,9 @@ class LLMEngine:
             return
         deltas = []
         try:
-            for token in targets[:accepted + 1]:
-                deltas.append(self._append_token(request, seq, token, None, now))
+            for j, token in enumerate(targets[:accepted + 1]):
+                logprobs = None if chunk.verified_logprobs is None else [chunk.verified_logprobs[j]]
+                deltas.append(self._append_token(request, seq, token, logprobs, now))
                 if seq.finished:
                     break
         except Exception as e:  # as for one token (no grammar here, so no GrammarViolation)
@@ -249,8 +250,9 @@ class LLMEngine:
         if not seq.finished:
             self.scheduler.computed(seq, 1 + accepted)
         out = outputs.setdefault(seq.request_id, RequestOutput(seq.request_id, request.prompt_ids))
+        logprobs = None if chunk.verified_logprobs is None else [lp for d in deltas for lp in d.logprobs]
         out.deltas.append(SequenceDelta(seq.index, "".join(d.text for d in deltas),
-                                        [t for d in deltas for t in d.token_ids], None, deltas[-1].finish_reason,
+                                        [t for d in deltas for t in d.token_ids], logprobs, deltas[-1].finish_reason,
                                         deltas[-1].stop_reason))
 
     def _append_token(self, request: _Request, seq: Sequence, token: int, logprobs: list[TokenLogprob] | None,

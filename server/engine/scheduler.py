@@ -31,7 +31,8 @@ class ScheduledChunk:
     start: int                    # position of the first token
     samples: bool                 # the chunk reaches the sequence's end, so its last logits are sampled
     proposed: int = 0             # speculative proposals after the sequence's newest token (token_ids[1:])
-    verified: list[int] | None = None  # with proposals: each row's greedy token, filled by the runner
+    verified: list[int] | None = None  # with proposals: each row's choice (greedy or sampled), filled by the runner
+    verified_logprobs: list | None = None  # and each row's TokenLogprob, when the request asks for logprobs
 
     @property
     def decode(self) -> bool:

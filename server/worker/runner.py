@@ -107,11 +107,11 @@ class ModelRunner:
         for scheduled in batch.chunks:
             if scheduled.proposed:
                 n, seq = 1 + scheduled.proposed, scheduled.seq
-                if seq.params.greedy:  # each row's argmax, as the sampler's greedy rows take it
+                if seq.params.greedy and seq.params.logprobs is None:  # each row's argmax, as the sampler takes it
                     scheduled.verified = logits[offset:offset + n].argmax(dim=-1).tolist()
-                else:  # each row sampled as plain decoding samples that position (see _take_verified)
-                    verifying.append((scheduled, len(rows), None if seq.generator is None
-                                      else seq.generator.get_state()))
+                else:  # each row through the sampler as plain decoding samples that position (see _take_verified)
+                    sampled = not seq.params.greedy and seq.generator is not None
+                    verifying.append((scheduled, len(rows), seq.generator.get_state() if sampled else None))
                     sample_rows += range(offset, offset + n)
                     rows += [SampleRow(seq.slot, seq.params, seq.generator, len(seq.output_ids) + j,
                                        seq.eos_token_ids) for j in range(n)]
@@ -145,6 +145,10 @@ class ModelRunner:
         for scheduled, first, state in verifying:
             n = 1 + scheduled.proposed
             scheduled.verified = out.token_ids[first:first + n]
+            if scheduled.seq.params.logprobs is not None:
+                scheduled.verified_logprobs = [TokenLogprob(out.token_ids[j], out.logprobs[j],
+                                                            list(zip(out.top_token_ids[j], out.top_logprobs[j])))
+                                               for j in range(first, first + n)]
             taken.update(range(first, first + n))
             if state is not None:
                 emitted = accepted_length(scheduled.token_ids[1:], scheduled.verified) + 1

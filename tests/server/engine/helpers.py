@@ -18,6 +18,7 @@ class Result:
     stop_reason: str | int | None = None
     error: BaseException | None = None
     metrics: object = None  # the request's RequestMetrics, on its first sample's result
+    logprobs: list = field(default_factory=list)  # TokenLogprob per token, when the request asks for them
 
 
 def make_engine(loaded, **overrides) -> LLMEngine:
@@ -36,6 +37,7 @@ def collect(outputs, results: dict) -> None:
             r = results.setdefault((out.request_id, d.index), Result())
             r.text += d.text
             r.token_ids += d.token_ids
+            r.logprobs += d.logprobs or []
             if d.finish_reason:
                 r.finish_reason, r.stop_reason = d.finish_reason, d.stop_reason
 

@@ -97,10 +97,11 @@ def test_greedy_outputs_are_unchanged_and_proposals_are_accepted(smollm_bf16):
     assert_all_slots_free(engine)
 
 
-def test_seeded_sampled_requests_speculate_and_sample_the_tokens_plain_decoding_samples(smollm_bf16):
-    """Sampled requests with a seed (temperature alone; with top-k, top-p and min-p) speculate, beside a greedy one
-    and one asking for logprobs (which decodes one token a step), and give the tokens they give without
-    speculation: each verify row is sampled with the noise plain decoding draws at that position."""
+def test_seeded_sampled_and_logprob_requests_speculate_and_give_what_plain_decoding_gives(smollm_bf16):
+    """Sampled requests with a seed (temperature alone; with top-k, top-p and min-p) and requests asking for
+    logprobs (greedy and sampled) speculate beside a greedy one and give the tokens, and the logprobs, they give
+    without speculation: each verify row is sampled with the noise plain decoding draws at that position, and its
+    logprobs come from the logits plain decoding computes there."""
     tok = smollm_bf16.tokenizer
     ids = tok.encode(TEXTS[0])  # a list to copy: proposals get accepted
     requests = {
@@ -109,6 +110,8 @@ def test_seeded_sampled_requests_speculate_and_sample_the_tokens_plain_decoding_
         "warm": (ids, SamplingParams(temperature=0.3, seed=3, max_tokens=32, ignore_eos=True)),
         "filtered": (ids, SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, seed=11, max_tokens=32,
                                          ignore_eos=True)),
+        "sampled logprobs": (ids, SamplingParams(temperature=0.5, seed=5, max_tokens=32, ignore_eos=True,
+                                                 logprobs=3)),
     }
     plain = run(make_engine(smollm_bf16), requests)
     engine = make_engine(smollm_bf16, speculative_config=NGRAM)
@@ -116,9 +119,10 @@ def test_seeded_sampled_requests_speculate_and_sample_the_tokens_plain_decoding_
     alone = run(engine, {"warm": requests["warm"]})
     for rid in requests:
         assert together[(rid, 0)].token_ids == plain[(rid, 0)].token_ids, rid
+        assert together[(rid, 0)].logprobs == plain[(rid, 0)].logprobs, rid  # bitwise: the same rows
+    assert len(together[("logprobs", 0)].logprobs) == 32 and len(together[("logprobs", 0)].logprobs[0].top) == 2
     assert alone[("warm", 0)].token_ids == plain[("warm", 0)].token_ids
-    assert together[("logprobs", 0)].metrics.num_draft_tokens == 0
-    for rid in ("warm", "filtered"):
+    for rid in ("warm", "filtered", "logprobs", "sampled logprobs"):
         m = together[(rid, 0)].metrics
         assert m.num_draft_tokens > 0, rid  # it did speculate
     assert together[("warm", 0)].metrics.num_accepted_tokens > 0
