@@ -103,14 +103,16 @@ class ModelRunner:
     def _sample(self, batch: ScheduledBatch, chunks: list[SequenceChunk], logits: torch.Tensor
                 ) -> SamplerOutput | None:
         sample_rows, rows, offset, i = [], [], 0, 0  # i: the scheduled chunk's first entry in `chunks`
-        verifying = []  # sampled speculative chunks: (chunk, its first entry in `rows`, its generator's state)
+        verifying = []  # speculative chunks through the sampler: (chunk, its first entry in `rows`, generator state)
         for scheduled in batch.chunks:
             if scheduled.proposed:
                 n, seq = 1 + scheduled.proposed, scheduled.seq
-                if seq.params.greedy and seq.params.logprobs is None:  # each row's argmax, as the sampler takes it
+                p = seq.params
+                if p.greedy and p.logprobs is None and not p.logit_bias and not p.min_tokens:
+                    # each row's argmax, as the sampler takes it with nothing to apply before
                     scheduled.verified = logits[offset:offset + n].argmax(dim=-1).tolist()
                 else:  # each row through the sampler as plain decoding samples that position (see _take_verified)
-                    sampled = not seq.params.greedy and seq.generator is not None
+                    sampled = not p.greedy and seq.generator is not None
                     verifying.append((scheduled, len(rows), seq.generator.get_state() if sampled else None))
                     sample_rows += range(offset, offset + n)
                     rows += [SampleRow(seq.slot, seq.params, seq.generator, len(seq.output_ids) + j,

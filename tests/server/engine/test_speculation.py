@@ -98,10 +98,10 @@ def test_greedy_outputs_are_unchanged_and_proposals_are_accepted(smollm_bf16):
 
 
 def test_seeded_sampled_and_logprob_requests_speculate_and_give_what_plain_decoding_gives(smollm_bf16):
-    """Sampled requests with a seed (temperature alone; with top-k, top-p and min-p) and requests asking for
-    logprobs (greedy and sampled) speculate beside a greedy one and give the tokens, and the logprobs, they give
-    without speculation: each verify row is sampled with the noise plain decoding draws at that position, and its
-    logprobs come from the logits plain decoding computes there."""
+    """Sampled requests with a seed (temperature alone; with top-k, top-p and min-p), requests asking for logprobs
+    (greedy and sampled), with logit_bias and with min_tokens speculate beside a greedy one and give the tokens,
+    and the logprobs, they give without speculation: each verify row is processed as at its position and sampled
+    with the noise plain decoding draws there, and its logprobs come from the logits plain decoding computes."""
     tok = smollm_bf16.tokenizer
     ids = tok.encode(TEXTS[0])  # a list to copy: proposals get accepted
     requests = {
@@ -112,6 +112,9 @@ def test_seeded_sampled_and_logprob_requests_speculate_and_give_what_plain_decod
                                          ignore_eos=True)),
         "sampled logprobs": (ids, SamplingParams(temperature=0.5, seed=5, max_tokens=32, ignore_eos=True,
                                                  logprobs=3)),
+        "biased": (ids, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
+                                       logit_bias={tok.encode(" plums")[0]: 3.0, tok.encode(",")[0]: -2.0})),
+        "min_tokens": (ids, SamplingParams(temperature=0.0, max_tokens=32, min_tokens=24)),
     }
     plain = run(make_engine(smollm_bf16), requests)
     engine = make_engine(smollm_bf16, speculative_config=NGRAM)
@@ -122,7 +125,7 @@ def test_seeded_sampled_and_logprob_requests_speculate_and_give_what_plain_decod
         assert together[(rid, 0)].logprobs == plain[(rid, 0)].logprobs, rid  # bitwise: the same rows
     assert len(together[("logprobs", 0)].logprobs) == 32 and len(together[("logprobs", 0)].logprobs[0].top) == 2
     assert alone[("warm", 0)].token_ids == plain[("warm", 0)].token_ids
-    for rid in ("warm", "filtered", "logprobs", "sampled logprobs"):
+    for rid in ("warm", "filtered", "logprobs", "sampled logprobs", "biased", "min_tokens"):
         m = together[(rid, 0)].metrics
         assert m.num_draft_tokens > 0, rid  # it did speculate
     assert together[("warm", 0)].metrics.num_accepted_tokens > 0
