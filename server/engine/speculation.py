@@ -17,9 +17,10 @@ the sequence's length, where its next steps overwrite them; the prefix cache onl
 accepted tokens.
 
 Logprobs of the emitted tokens come from the verify rows, which are the rows plain decoding computes; logit_bias
-and min_tokens apply to each row as at its position. Requests with something between the logits and their
-sampling that depends on the tokens chosen before (penalties, a grammar) decode one token a step beside the
-speculating ones. Load-aware: proposals are
+and min_tokens apply to each row as at its position; a structured output's grammar masks each row as at its
+position (server/worker/grammar_masks.verify_masks: the matcher takes the proposals, then rolls back; the engine
+then advances it through the emitted tokens as for any token). Requests with penalties, which count the tokens
+chosen before, decode one token a step beside the speculating ones. Load-aware: proposals are
 made only while a step's decode rows stay within `max_rows` (extra rows cost real compute once a step is no
 longer bound by reading the weights), so at many streams nothing changes.
 """
@@ -106,8 +107,9 @@ def propose(tokens: list[int], k: int, longest: int, shortest: int) -> list[int]
 
 
 def can_speculate(seq: Sequence) -> bool:
-    """Nothing between the logits and the choice that depends on the tokens chosen before (penalties count them, a
-    grammar's matcher follows them; logit_bias, min_tokens, temperature, top-k, top-p, min-p and logprobs depend
-    on a row's position at most), and at its newest token (not replaying generated tokens after a preemption)."""
+    """Nothing between the logits and the choice that counts the tokens chosen before (penalties do; a grammar's
+    mask is computed per row by advancing its matcher through the proposals and rolling it back; logit_bias,
+    min_tokens, temperature, top-k, top-p, min-p and logprobs depend on a row's position at most), and at its
+    newest token (not replaying generated tokens after a preemption)."""
     p = seq.params
-    return not p.needs_penalties and seq.matcher is None and seq.num_computed == seq.num_tokens - 1
+    return not p.needs_penalties and seq.num_computed == seq.num_tokens - 1

@@ -18,6 +18,7 @@ from server.engine.sequence import Sequence
 from server.engine.speculation import accepted_length
 from server.worker.cache_budget import cache_layout
 from server.worker.decode import prepared_decode_step
+from server.worker.grammar_masks import verify_masks
 from server.worker.sampler import Sampler, SamplerOutput, SampleRow
 
 log = logging.getLogger(__name__)
@@ -108,15 +109,17 @@ class ModelRunner:
             if scheduled.proposed:
                 n, seq = 1 + scheduled.proposed, scheduled.seq
                 p = seq.params
-                if p.greedy and p.logprobs is None and not p.logit_bias and not p.min_tokens:
+                if p.greedy and p.logprobs is None and not p.logit_bias and not p.min_tokens and seq.matcher is None:
                     # each row's argmax, as the sampler takes it with nothing to apply before
                     scheduled.verified = logits[offset:offset + n].argmax(dim=-1).tolist()
                 else:  # each row through the sampler as plain decoding samples that position (see _take_verified)
                     sampled = not p.greedy and seq.generator is not None
                     verifying.append((scheduled, len(rows), seq.generator.get_state() if sampled else None))
                     sample_rows += range(offset, offset + n)
+                    masks = ([None] * n if seq.matcher is None else
+                             verify_masks(seq.matcher, scheduled.token_ids[1:], self.sampler.vocab_size))
                     rows += [SampleRow(seq.slot, seq.params, seq.generator, len(seq.output_ids) + j,
-                                       seq.eos_token_ids) for j in range(n)]
+                                       seq.eos_token_ids, masks[j]) for j in range(n)]
                 offset, i = offset + n, i + n
                 continue
             chunk, i = chunks[i], i + 1

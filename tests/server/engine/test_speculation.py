@@ -144,3 +144,35 @@ def test_no_proposals_once_the_step_is_full(smollm_bf16):
     while engine.has_work():
         engine.step()
     assert engine.stats().spec_drafts_total == 0
+
+
+def test_structured_outputs_speculate_and_give_what_plain_decoding_gives(smollm_bf16):
+    """A JSON schema (greedy, and sampled with a seed) beside an unconstrained request: each verify row is masked by
+    the grammar as at its position (the matcher takes the proposals and rolls back), so the outputs are those
+    without speculation, they validate, and the constrained requests speculated."""
+    import jsonschema
+
+    from server.engine.grammar import GrammarCompiler, GrammarSpec
+
+    tok = smollm_bf16.tokenizer
+    schema = {"type": "object", "properties": {"fruits": {"type": "array", "items": {"type": "string"}}},
+              "required": ["fruits"], "additionalProperties": False}
+    compiled = GrammarCompiler(tok, smollm_bf16.config.vocab_size).compile(
+        GrammarSpec("json_schema", json.dumps(schema), "response_format"))
+    ids = tok.encode('Copy this JSON exactly.\nJSON: {"fruits": ["apples", "pears", "plums", "grapes", "lemons"]}\n'
+                     'Copy: {"fruits": ["apples", "pears",')
+    constrained = dict(grammar=compiled, grammar_param="response_format", max_tokens=48)
+    requests = {"greedy": (ids, SamplingParams(temperature=0.0, **constrained)),
+                "sampled": (ids, SamplingParams(temperature=0.6, seed=9, **constrained)),
+                "free": (ids, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))}
+    plain = run(make_engine(smollm_bf16), requests)
+    engine = make_engine(smollm_bf16, speculative_config=NGRAM)
+    out = run(engine, requests)
+    for rid in requests:
+        assert out[(rid, 0)].error is None and plain[(rid, 0)].error is None, rid
+        assert out[(rid, 0)].token_ids == plain[(rid, 0)].token_ids, rid
+    for rid in ("greedy", "sampled"):
+        jsonschema.validate(json.loads(out[(rid, 0)].text), schema)
+        assert out[(rid, 0)].metrics.num_draft_tokens > 0, rid
+    assert out[("greedy", 0)].metrics.num_accepted_tokens > 0
+    assert_all_slots_free(engine)
