@@ -19,8 +19,8 @@ accepted tokens.
 Logprobs of the emitted tokens come from the verify rows, which are the rows plain decoding computes; logit_bias
 and min_tokens apply to each row as at its position; a structured output's grammar masks each row as at its
 position (server/worker/grammar_masks.verify_masks: the matcher takes the proposals, then rolls back; the engine
-then advances it through the emitted tokens as for any token). Requests with penalties, which count the tokens
-chosen before, decode one token a step beside the speculating ones. Load-aware: proposals are
+then advances it through the emitted tokens as for any token); penalties count each row's earlier proposals, and
+only the emitted tokens join the sequence's counts. Load-aware: proposals are
 made only while a step's decode rows stay within `max_rows` (extra rows cost real compute once a step is no
 longer bound by reading the weights), so at many streams nothing changes.
 """
@@ -107,9 +107,8 @@ def propose(tokens: list[int], k: int, longest: int, shortest: int) -> list[int]
 
 
 def can_speculate(seq: Sequence) -> bool:
-    """Nothing between the logits and the choice that counts the tokens chosen before (penalties do; a grammar's
-    mask is computed per row by advancing its matcher through the proposals and rolling it back; logit_bias,
-    min_tokens, temperature, top-k, top-p, min-p and logprobs depend on a row's position at most), and at its
-    newest token (not replaying generated tokens after a preemption)."""
-    p = seq.params
-    return not p.needs_penalties and seq.num_computed == seq.num_tokens - 1
+    """At its newest token (not replaying generated tokens after a preemption). Whatever stands between the logits
+    and a row's choice is applied as at that row's position: penalties count the proposals before it, a grammar's
+    mask comes from its matcher advanced through them (and rolled back), logit_bias, min_tokens, temperature,
+    top-k, top-p, min-p and logprobs depend on the position at most."""
+    return seq.num_computed == seq.num_tokens - 1

@@ -109,7 +109,8 @@ class ModelRunner:
             if scheduled.proposed:
                 n, seq = 1 + scheduled.proposed, scheduled.seq
                 p = seq.params
-                if p.greedy and p.logprobs is None and not p.logit_bias and not p.min_tokens and seq.matcher is None:
+                if (p.greedy and p.logprobs is None and not p.logit_bias and not p.min_tokens and not p.needs_penalties
+                        and seq.matcher is None):
                     # each row's argmax, as the sampler takes it with nothing to apply before
                     scheduled.verified = logits[offset:offset + n].argmax(dim=-1).tolist()
                 else:  # each row through the sampler as plain decoding samples that position (see _take_verified)
@@ -118,8 +119,10 @@ class ModelRunner:
                     sample_rows += range(offset, offset + n)
                     masks = ([None] * n if seq.matcher is None else
                              verify_masks(seq.matcher, scheduled.token_ids[1:], self.sampler.vocab_size))
+                    proposals = scheduled.token_ids[1:]
                     rows += [SampleRow(seq.slot, seq.params, seq.generator, len(seq.output_ids) + j,
-                                       seq.eos_token_ids, masks[j]) for j in range(n)]
+                                       seq.eos_token_ids, masks[j], tuple(proposals[:j]), counted=False)
+                             for j in range(n)]
                 offset, i = offset + n, i + n
                 continue
             chunk, i = chunks[i], i + 1
@@ -155,8 +158,9 @@ class ModelRunner:
                                                             list(zip(out.top_token_ids[j], out.top_logprobs[j])))
                                                for j in range(first, first + n)]
             taken.update(range(first, first + n))
+            emitted = accepted_length(scheduled.token_ids[1:], scheduled.verified) + 1
+            self.sampler.count(scheduled.seq.slot, scheduled.verified[:emitted])
             if state is not None:
-                emitted = accepted_length(scheduled.token_ids[1:], scheduled.verified) + 1
                 self.sampler.redraw(scheduled.seq.generator, state, emitted)
         keep = [j for j in range(len(out.token_ids)) if j not in taken]
         if not keep:

@@ -29,6 +29,9 @@ class SampleRow:
     num_generated: int = 0                     # output tokens so far, for min_tokens
     eos_token_ids: frozenset[int] = frozenset()
     matcher: Any = None                        # the sequence's grammar matcher, when its output is constrained
+    preceding: tuple[int, ...] = ()            # a verify row's earlier proposals: tokens its position follows that
+                                               # the slot's counts do not hold (penalties count them)
+    counted: bool = True                       # add the chosen token to the slot's counts (a verify row's: no)
 
 
 @dataclass
@@ -175,7 +178,12 @@ class Sampler:
                 slots = self._tensor([row.slot for row in rows], torch.long)
             penalties = self._tensor([[row.params.repetition_penalty, row.params.frequency_penalty,
                                        row.params.presence_penalty] for row in rows], torch.float32)  # [B, 3]
-            logits = apply_penalties(logits, self.output_counts[slots], self.prompt_mask[slots],
+            counts = self.output_counts[slots]                                              # [B, V], a copy
+            for i, row in enumerate(rows):
+                if row.preceding and row.params.needs_penalties:
+                    ids = self._tensor(list(row.preceding), torch.long)
+                    counts[i].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+            logits = apply_penalties(logits, counts, self.prompt_mask[slots],
                                      penalties[:, 0], penalties[:, 1], penalties[:, 2])
         return logits
 
@@ -201,8 +209,13 @@ class Sampler:
                 self._masks = MaskFiller(V)
             self._masks.apply(logits, [row.matcher for row in rows])
         token_ids = self._choose(logits, rows)                                      # [B]
-        self.output_counts.index_put_((slots, token_ids), torch.ones_like(token_ids, dtype=torch.int32),
-                                      accumulate=True)
+        if all(row.counted for row in rows):
+            self.output_counts.index_put_((slots, token_ids), torch.ones_like(token_ids, dtype=torch.int32),
+                                          accumulate=True)
+        else:
+            counted = self._tensor([row.counted for row in rows], torch.bool)
+            self.output_counts.index_put_((slots[counted], token_ids[counted]),
+                                          torch.ones_like(token_ids[counted], dtype=torch.int32), accumulate=True)
         return self._to_host(token_ids, raw_logprobs, rows)
 
     def _choose(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
@@ -242,6 +255,11 @@ class Sampler:
         # exponential_ may return 0 (rarely); log(0) would turn a banned -inf logit into nan, which argmax
         # would pick.
         return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+    def count(self, slot: int, token_ids: list[int]) -> None:
+        """Add tokens chosen outside `sample()`'s own counting (a speculating sequence's emitted tokens)."""
+        ids = self._tensor(token_ids, torch.long)
+        self.output_counts[slot].index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
 
     def redraw(self, generator: torch.Generator, state: torch.Tensor, rows: int) -> None:
         """Set a seeded sequence's generator to `state` and draw `rows` sampled rows' noise from it, as

@@ -117,7 +117,8 @@ def test_seeded_sampled_and_logprob_requests_speculate_and_give_what_plain_decod
         "min_tokens": (ids, SamplingParams(temperature=0.0, max_tokens=32, min_tokens=24)),
     }
     plain = run(make_engine(smollm_bf16), requests)
-    engine = make_engine(smollm_bf16, speculative_config=NGRAM)
+    wide = json.dumps({**json.loads(NGRAM), "max_rows": 16})  # eight sequences, room for proposals beside them
+    engine = make_engine(smollm_bf16, speculative_config=wide)
     together = run(engine, requests)
     alone = run(engine, {"warm": requests["warm"]})
     for rid in requests:
@@ -144,6 +145,25 @@ def test_no_proposals_once_the_step_is_full(smollm_bf16):
     while engine.has_work():
         engine.step()
     assert engine.stats().spec_drafts_total == 0
+
+
+def test_penalized_requests_speculate_and_give_what_plain_decoding_gives(smollm_bf16):
+    """Penalties count the tokens chosen before: each verify row counts the proposals before it, and only the
+    emitted tokens join the sequence's counts. Strong enough that counting wrongly changes tokens (the list's
+    separators repeat); greedy and sampled with a seed, each alone, and a negative penalty."""
+    tok = smollm_bf16.tokenizer
+    ids = tok.encode(TEXTS[0])
+    for params in (SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, repetition_penalty=1.05,
+                                  frequency_penalty=1.0, presence_penalty=0.2),
+                   SamplingParams(temperature=0.5, seed=2, max_tokens=32, ignore_eos=True, frequency_penalty=1.0),
+                   # a negative penalty favours repeats: long accepted runs, whose rows must count each other
+                   SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, frequency_penalty=-1.0)):
+        plain = run(make_engine(smollm_bf16), {"r": (ids, params)})
+        engine = make_engine(smollm_bf16, speculative_config=NGRAM)
+        out = run(engine, {"r": (ids, params)})
+        assert out[("r", 0)].token_ids == plain[("r", 0)].token_ids, params
+        assert out[("r", 0)].metrics.num_accepted_tokens > 0, params
+        assert_all_slots_free(engine)
 
 
 def test_structured_outputs_speculate_and_give_what_plain_decoding_gives(smollm_bf16):

@@ -126,6 +126,21 @@ def test_sample_records_tokens_for_later_penalties():
     assert sampler.output_counts[0].tolist() == [0, 0, 0, 0, 0]
 
 
+def test_verify_rows_count_their_preceding_proposals_and_only_emitted_tokens_count():
+    """A speculating sequence's verify rows: row j's penalties count the proposals before it, as if they had been
+    chosen; the rows' own choices are not counted (`counted=False`) until the emitted ones are (`count`)."""
+    sampler = Sampler(num_slots=1, vocab_size=5)
+    params = dict(temperature=0.0, presence_penalty=1.0)
+    sampler.start_sequence(0, [4], SamplingParams(**params))
+    base = SamplingParams(**params)
+    rows = [SampleRow(0, base, preceding=preceding, counted=False) for preceding in ((), (0,), (0, 1))]
+    assert sampler.sample(torch.zeros(3, 5), rows).token_ids == [0, 1, 2]  # flat logits: the lowest uncounted id
+    assert sampler.output_counts[0].tolist() == [0, 0, 0, 0, 0]
+    sampler.count(0, [0, 1])
+    assert sampler.output_counts[0].tolist() == [1, 1, 0, 0, 0]
+    assert sampler.sample(torch.zeros(1, 5), [row(**params)]).token_ids == [2]
+
+
 def test_counts_and_prompt_are_reset_when_a_slot_is_reused():
     sampler = Sampler(num_slots=1, vocab_size=4)
     first = dict(temperature=0.0, logit_bias={0: 100.0}, repetition_penalty=2.0)
