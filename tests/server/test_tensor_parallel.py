@@ -190,9 +190,8 @@ def test_the_default_model_split_three_ways_agrees_teacher_forced(tmp_path):
     name = "SmolLM2-135M-Instruct"
     with servers(["--enforce-eager"], ["--enforce-eager", "--tensor-parallel-size", "3"], log_dir=tmp_path) as (one, three):
         texts = []
-        for prompt in ["The history of the Roman Empire", "def quicksort(arr):", "Photosynthesis is the process",
-                       "The best way to learn a language"]:
-            body = {"model": name, "prompt": prompt, "max_tokens": 160, "temperature": 0}
+        for prompt in ["The history of the Roman Empire", "def quicksort(arr):", "Photosynthesis is the process"]:
+            body = {"model": name, "prompt": prompt, "max_tokens": 128, "temperature": 0}
             texts.append(prompt + one.post("/v1/completions", body).json()["choices"][0]["text"])
 
         def top1(served: Served, text: str) -> list[str]:
@@ -202,7 +201,7 @@ def test_the_default_model_split_three_ways_agrees_teacher_forced(tmp_path):
 
         pairs = [(a, b) for text in texts for a, b in zip(top1(one, text), top1(three, text))]
     agreement = sum(a == b for a, b in pairs) / len(pairs)
-    assert len(pairs) > 500 and agreement >= 0.97, agreement
+    assert len(pairs) > 350 and agreement >= 0.97, agreement
 
 
 def test_a_hung_worker_ends_the_server_within_the_step_timeout(tmp_path):
