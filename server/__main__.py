@@ -30,7 +30,6 @@ def build_engine(config: EngineConfig, on_fatal=None):
     parallel = None
     if config.tensor_parallel_size > 1 or launched_by_torchrun():
         if launched_by_torchrun():
-            import os
             config = dataclasses.replace(config, tensor_parallel_size=int(os.environ["WORLD_SIZE"]))
         parallel = TensorParallel(config, on_fatal)
     try:

@@ -87,14 +87,14 @@ class TensorParallel:
             if int(os.environ["RANK"]) != 0:
                 raise ValueError("only rank 0 serves; the other ranks run server.worker.parallel.worker_main")
             init_method = "env://"
-            self.device = rank_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+            rank_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))  # this process's CUDA device
         else:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
             if torch.device(config.device).type == "cpu":
                 _share_cpu(self.world)
             else:
                 rank_device(config.device, self.world - 1)  # every device exists, or a clear error now
-            self.device = rank_device(config.device, 0)
+            rank_device(config.device, 0)
             context = torch.multiprocessing.get_context("spawn")
             for rank in range(1, self.world):
                 process = context.Process(target=worker_main, args=(rank, self.world, init_method, config, rank),
@@ -114,10 +114,7 @@ class TensorParallel:
         (every rank fails alike), else a worker's exit where one exited (a collective failed because of it)."""
         if isinstance(error, (ValueError, OSError)):
             return error
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and self._lost_worker() is None and self._processes:
-            time.sleep(0.05)
-        lost = self._lost_worker()
+        lost = self._lost_worker(wait=1.0)
         return RuntimeError(f"{lost} while starting (its log says why)") if lost else error
 
     # --- steps -------------------------------------------------------------------------------------------------
@@ -164,10 +161,7 @@ class TensorParallel:
         self._failed.set()
         # A collective fails as soon as a peer's sockets close, usually before the watchdog sees the exit: name
         # the rank that died where one did.
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and self._lost_worker() is None and self._processes:
-            time.sleep(0.05)
-        self.failure = message = self._lost_worker() or message
+        self.failure = message = self._lost_worker(wait=1.0) or message
         log.critical("%s", message)
         # The group is unusable: stop the local workers, so that a collective rank 0 waits in fails now (and the
         # running requests with it) rather than at the group's timeout.
@@ -178,7 +172,12 @@ class TensorParallel:
         else:
             os._exit(1)
 
-    def _lost_worker(self) -> str | None:
+    def _lost_worker(self, wait: float = 0.0) -> str | None:
+        """Which local worker has exited, if one has (waiting up to `wait` seconds for one to)."""
+        deadline = time.monotonic() + wait
+        while self._processes and time.monotonic() < deadline and not any(
+                p.exitcode is not None for p in self._processes.values()):
+            time.sleep(0.05)
         for rank, process in self._processes.items():
             code = process.exitcode
             if code is not None:
