@@ -1,14 +1,17 @@
 """Decode attention over the paged KV cache as a Triton kernel: the CUDA path of `llama3::decode_attention`.
 
-One program per (sequence, KV head, split): the tokens a sequence may hold are cut into splits of a fixed size
-(flash-decoding), so a small batch still spreads over the GPU's multiprocessors. The split that holds the new
-token first writes its key and value at row (length - 1) % S of its block. Each program walks its tokens through
+A first kernel writes every row's new key and value at row (length - 1) % S of its block, one program per (row, KV
+head); the attention kernel runs after it, so rows of one sequence at successive positions in one call (a
+speculative step's verify rows) each see the new tokens of the rows before them, exactly as one call per
+position would. Attention runs one program per (sequence, KV head, split): the tokens a sequence may hold are cut
+into splits of a fixed size (flash-decoding), so a small batch still spreads over the GPU's multiprocessors.
+Each program walks its tokens through
 the block table, BLOCK_N at a time, with an online softmax: the query heads that share the KV head are the rows
 of one small matrix product, so each key and value is read once. A second kernel merges the splits' partial
 results by their maxima and denominators. The split size depends only on the width of the block table (the
 longest sequence the step may hold), never on the batch, so a sequence's arithmetic does not depend on what it is
 batched with. Lengths and block tables are read on the device only, never from the host, and nothing is
-allocated but the output and the partial results, so a CUDA graph can capture both kernels. Rows of length 0 are
+allocated but the output and the partial results, so a CUDA graph can capture the kernels. Rows of length 0 are
 padding: nothing is written, the output is zero.
 
 Under TRITON_INTERPRET=1 (set before Triton is imported) it runs on CPU tensors, which is how the tests check
@@ -35,9 +38,23 @@ MAX_SPLITS = 32
 
 if triton is not None:
     @triton.jit
-    def _paged_decode(Q, K, V, KC, VC, T, O, PO, PML,
-                      stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-                      stride_cb, stride_ch, stride_cs, stride_tb, stride_ob, stride_oh, scale,
+    def _write_new_kv(K, V, KC, VC, T, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, stride_cs,
+                      stride_tb, D: tl.constexpr, S: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        table = T + b * stride_tb
+        length = tl.load(table).to(tl.int32)  # 0: a padding row, which writes nothing
+        pos = tl.maximum(length - 1, 0)
+        block = tl.load(table + 1 + pos // S)
+        d = tl.arange(0, D)
+        dst = block * stride_cb + h * stride_ch + (pos % S) * stride_cs + d
+        written = d < D * (length > 0).to(tl.int32)  # all of the head, or nothing
+        tl.store(KC + dst, tl.load(K + b * stride_kb + h * stride_kh + d), mask=written)
+        tl.store(VC + dst, tl.load(V + b * stride_vb + h * stride_vh + d), mask=written)
+
+    @triton.jit
+    def _paged_decode(Q, KC, VC, T, O, PO, PML, stride_qb, stride_qh, stride_cb, stride_ch, stride_cs, stride_tb,
+                      stride_ob, stride_oh, scale,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, S: tl.constexpr, BN: tl.constexpr,
                       SPLIT: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         b = tl.program_id(0)
@@ -48,17 +65,6 @@ if triton is not None:
         lo = split * SPLIT
         hi = tl.minimum(lo + SPLIT, length)
         d = tl.arange(0, D)
-
-        # The new token's key and value go to the cache first, by the split that reads them; the barrier makes
-        # them visible to all of its threads.
-        pos = tl.maximum(length - 1, 0)
-        block = tl.load(table + 1 + pos // S)
-        dst = block * stride_cb + h * stride_ch + (pos % S) * stride_cs + d
-        mine = ((length > 0) & (pos >= lo) & (pos < hi)).to(tl.int32)
-        written = d < D * mine  # all of the head, or nothing
-        tl.store(KC + dst, tl.load(K + b * stride_kb + h * stride_kh + d), mask=written)
-        tl.store(VC + dst, tl.load(V + b * stride_vb + h * stride_vh + d), mask=written)
-        tl.debug_barrier()
 
         g = tl.arange(0, GP)  # query heads of this KV head, padded to a matrix-unit size
         heads = h * G + g
@@ -156,9 +162,11 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     out = torch.empty_like(q)
     partial = torch.empty(B * H * splits * D if splits > 1 else 1, dtype=torch.float32, device=q.device)
     maxima = torch.empty(B * H * splits * 2 if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    _write_new_kv[(B, Hkv)](
+        k, v, k_cache, v_cache, tables, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0), D=D, S=S)
     _paged_decode[(B, Hkv, splits)](
-        q, k, v, k_cache, v_cache, tables, out, partial, maxima,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q, k_cache, v_cache, tables, out, partial, maxima, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0), out.stride(0), out.stride(1),
         D ** -0.5, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, S=S, BN=BLOCK_N, SPLIT=split, SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 or interpreted else "tf32",

@@ -116,3 +116,33 @@ def test_long_sequences_split_and_merge(dtype):
     assert torch.equal(got[2], torch.zeros_like(got[2]))
     for b in (0, 1, 3, 4):
         assert (got[b] - want[b]).norm() / want[b].norm() < TOLERANCE[dtype], b
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_successive_positions_of_one_sequence_in_one_call_equal_one_call_each(dtype, order):
+    """A speculative step's verify rows: positions p .. p + 4 of one sequence (crossing a block boundary) beside
+    another sequence's row, in either order. Every row's new K/V is written before any row attends, so each row
+    sees the rows for earlier positions, bit for bit as five calls of one position each; the caches end equal."""
+    gen = torch.Generator().manual_seed(5)
+    H, Hkv, D, S, num_blocks = 8, 2, 64, 16, 12
+    table, other = [3, 7, 1], [9, 4]
+    p, n = 14, 5
+    width = 1 + len(table) + 1  # one width for every call: the split size depends on it
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+    rows = [(p + 1 + i, table) for i in range(n)]
+    rows = (rows if order == "ascending" else rows[::-1]) + [(20, other)]
+    tables = torch.tensor([[length, *blocks] + [0] * (width - 1 - len(blocks)) for length, blocks in rows])
+    q, k, v = rand(n + 1, H, D), rand(n + 1, Hkv, D), rand(n + 1, Hkv, D)
+    caches = rand(num_blocks, Hkv, S, D), rand(num_blocks, Hkv, S, D)
+
+    together_caches = [c.clone() for c in caches]
+    together = paged_decode_attention(q, k, v, *together_caches, tables.to(DEVICE))
+    alone_caches = [c.clone() for c in caches]
+    for i in sorted(range(n + 1), key=lambda i: rows[i][0] if rows[i][1] is table else 0):  # a position a call
+        alone = paged_decode_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], *alone_caches, tables[i:i + 1].to(DEVICE))
+        assert torch.equal(together[i], alone[0]), i
+    assert all(torch.equal(a, b) for a, b in zip(together_caches, alone_caches))

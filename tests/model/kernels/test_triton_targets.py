@@ -19,8 +19,9 @@ triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[3]
 ARCHS = (90, 80)
-STRIDES = ("stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vb", "stride_vh", "stride_cb", "stride_ch",
-           "stride_cs", "stride_tb", "stride_ob", "stride_oh")
+CACHE_STRIDES = ("stride_cb", "stride_ch", "stride_cs", "stride_tb")
+STRIDES = ("stride_qb", "stride_qh", *CACHE_STRIDES, "stride_ob", "stride_oh")
+WRITE_STRIDES = ("stride_kb", "stride_kh", "stride_vb", "stride_vh", *CACHE_STRIDES)
 # (dtype, query heads per KV head, splits): bf16 on the tensor cores (tf32 or better), float32 in IEEE precision;
 # one split, or several that _merge_splits combines
 DECODE_CASES = [(dtype, group, splits) for dtype in ("bf16", "fp32") for group, splits in ((1, 1), (4, 1), (8, 4))]
@@ -33,13 +34,17 @@ def cases() -> dict[str, tuple]:
     out = {}
     for arch in ARCHS:
         for dtype, group, splits in DECODE_CASES:
-            signature = {name: f"*{dtype}" for name in ("Q", "K", "V", "KC", "VC", "O")}
+            signature = {name: f"*{dtype}" for name in ("Q", "KC", "VC", "O")}
             signature.update({"T": "*i64", "PO": "*fp32", "PML": "*fp32", **dict.fromkeys(STRIDES, "i64"),
                               "scale": "fp32"})
             constants = dict(G=group, GP=max(16, triton.next_power_of_2(group)), D=64 if group < 8 else 128, S=16,
                              BN=triton_decode.BLOCK_N, SPLIT=triton_decode.MIN_SPLIT, SPLITS=splits,
                              PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
             out[f"paged_decode-{dtype}-g{group}-s{splits}-sm_{arch}"] = ("_paged_decode", signature, constants, arch)
+        for dtype in ("bf16", "fp32"):
+            signature = {**{name: f"*{dtype}" for name in ("K", "V", "KC", "VC")}, "T": "*i64",
+                         **dict.fromkeys(WRITE_STRIDES, "i64")}
+            out[f"write_new_kv-{dtype}-sm_{arch}"] = ("_write_new_kv", signature, dict(D=64, S=16), arch)
         out[f"merge_splits-sm_{arch}"] = ("_merge_splits", {
             "PO": "*fp32", "PML": "*fp32", "O": "*bf16", "stride_ob": "i64", "stride_oh": "i64", "H": "i32"},
             dict(D=128, SPLITS=4, SP=4), arch)
