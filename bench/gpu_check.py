@@ -6,7 +6,8 @@ Sections: the device; which SDPA kernels the model's attention runs; the GPU tes
 graph replay against eager, bf16 against CPU float32); greedy parity of the device in bf16 against CPU float32 on a
 tiny model; decode tokens/s at several batch sizes (through the CUDA graphs the server captures, and eagerly at
 batch 1) and prefill tokens/s for a Llama 3.2 1B-shaped model, with batch 1 set against the memory-bandwidth limit
-measured by a device-to-device copy; `transformers`' continuous batching (`generate_batch`) on the same model and
+measured by a device-to-device copy; speculative decoding's verify rows on the device and a verify step's cost
+(gpu_speculation.py); `transformers`' continuous batching (`generate_batch`) on the same model and
 prompts; and the benchmark client against our server serving that model from a temporary Hugging Face directory.
 The summary sets the figures against the CUDA path's targets (TARGETS). The last two sections are in
 gpu_end_to_end.py. `--quick` shrinks every size so the whole pass runs on a CPU in a minute or two. A failing section is reported and the others still run.
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gpu_end_to_end import random_state, section_server, section_transformers  # noqa: E402
+from gpu_speculation import section_speculation  # noqa: E402
 
 from model.batch import ForwardBatch, SequenceChunk  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
@@ -262,6 +264,11 @@ def section_tests(ctx: dict) -> dict:
     return {"passed": done.stdout.strip().splitlines()[-1]}
 
 
+def tokenizer():
+    from model.text.tokenizer import Tokenizer
+    return Tokenizer.from_tiktoken_file(llama3_tokenizer_path())
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -298,6 +305,16 @@ def summary_lines(r: dict, quick: bool) -> list[str]:
                      + ("" if quick else f"{target} >= {TARGETS['batch1_fraction']:.0%}: "
                         f"{verdict(fraction >= TARGETS['batch1_fraction'])})"))
         lines.append(f"prefill {t['prefill_tokens']} tokens: {t['prefill_tokens_per_s']:,.0f} tokens/s")
+    if "speculation" in r:
+        v, e = r["speculation"]["verify"], r["speculation"]["engine"]
+        x = v["verify_rows_exact"]
+        lines.append(f"speculation ({v['decode_step']}): {v['k'] + 1} verify rows of one sequence vs one call each: "
+                     f"max |logit diff| {x['max_abs_logit_difference']:.3g}, argmax equal {x['argmax_equal']}; decode "
+                     f"step {v['decode_step_ms']} ms, verify step {v['verify_step_ms']} ms "
+                     f"({v['verify_over_decode']}x), {v['draft_params_m']}M draft step {v['draft_step_ms']} ms: gains "
+                     f"above {v['break_even_accepted_per_draft']} accepted of {v['k']}")
+        lines.append(f"speculation in the engine (draft = target, prepared steps {e['prepared_steps']}): outputs equal "
+                     f"{e['outputs_equal']}, accepted {e['accepted_tokens']}/{e['draft_tokens']}")
     if "transformers" in r:
         h = r["transformers"]
         lines.append(f"transformers {h['transformers']} generate_batch: {h['requests']} requests, "
@@ -343,6 +360,8 @@ def main() -> int:
     results, failed = {}, []
     sections = (("device", section_device), ("sdpa", section_sdpa), ("tests", section_tests),
                 ("parity", section_parity), ("throughput", section_throughput),
+                ("speculation", lambda c: section_speculation(c, ModelConfig(**TINY, name="tiny-llama3"),
+                                                              random_state, tokenizer())),
                 ("transformers", section_transformers), ("server", section_server))
     for name, section in sections:
         print(f"\n=== {name} ===", flush=True)

@@ -81,9 +81,10 @@ class EngineConfig:
         "torchrun starts every rank (see the README)")
     speculative_config: str | None = option(
         None, "speculative decoding, as vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": K, "
-        "\"prompt_lookup_max\": N, \"prompt_lookup_min\": M} (proposals from the request's own tokens, verified "
-        "in the decode step; greedy outputs unchanged); optional \"max_rows\": decode rows per step up to which "
-        "proposals are made (default 8)", shown="off")
+        "\"prompt_lookup_max\": N, \"prompt_lookup_min\": M} (proposals from the request's own tokens) or "
+        "{\"method\": \"draft_model\", \"model\": PATH_OR_REPO, \"num_speculative_tokens\": K} (a smaller model "
+        "with the same vocabulary), verified in the decode step: outputs unchanged; optional \"max_rows\": decode "
+        "rows per step up to which proposals are made (default 8)", shown="off")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -113,12 +114,9 @@ class EngineConfig:
             raise ValueError("with --tensor-parallel-size, pass --device cuda: rank r uses CUDA device r "
                              "(CUDA_VISIBLE_DEVICES chooses which)")
         if self.speculative_config is not None:
-            SpeculativeConfig.parse(self.speculative_config)  # raises, naming the problem
-            if torch.device(self.device).type != "cpu":
-                # the CUDA attention kernel writes a row's K/V in the program that reads it, so rows at successive
-                # positions of one sequence would race there
-                raise ValueError("speculative decoding runs on CPU only for now (--speculative-config with --device "
-                                 f"{self.device})")
+            spec = SpeculativeConfig.parse(self.speculative_config)  # raises, naming the problem
+            if spec.method == "draft_model" and self.tensor_parallel_size > 1:
+                raise ValueError("a draft model is not supported with --tensor-parallel-size > 1 yet; use ngram")
         if self.quantization in ("int4", "int8") and torch.device(self.device).type != "cpu":
             raise ValueError(f"--quantization {self.quantization} runs on CPU kernels; on a GPU use --quantization none")
 

@@ -18,6 +18,7 @@ from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import Sequence
 from server.engine.speculation import accepted_length
+from server.worker.draft import check_draft, load_draft
 from server.worker.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -58,19 +59,25 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, parallel=None):
-        """`parallel`: rank 0's side of a tensor-parallel group (server/worker/parallel.py), when the model is split."""
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, parallel=None, draft: LoadedModel | None = None):
+        """`parallel`: rank 0's side of a tensor-parallel group (server/worker/parallel.py), when the model is split.
+        `draft`: the draft model of a `draft_model` speculative config, loaded from its `model` when not given."""
         self.config = config
         # Tests only: called with each batch before it runs, to make a step fail on purpose. Never set otherwise.
         self.fault_injector = None
         self.consecutive_failures = 0
         self.tokenizer: Tokenizer = loaded.tokenizer
         self.model_config = loaded.config
-        self.runner = ModelRunner.from_config(loaded.model, config, parallel=parallel,
-                                              shard=loaded.model.shard)
+        speculation = config.speculation
+        if speculation is not None and speculation.method == "draft_model":
+            if draft is None:
+                draft = load_draft(speculation.model, config, loaded)
+            else:
+                check_draft(draft, loaded)
+        self.runner = ModelRunner.from_config(loaded.model, config, parallel=parallel, shard=loaded.model.shard,
+                                              draft_model=draft.model if draft is not None else None)
         self.max_model_len = self.runner.max_model_len
         num_blocks = self.runner.cache.num_blocks
-        speculation = config.speculation
         if speculation is not None:  # the decode step holds at most max_num_seqs rows, proposals included
             speculation = dataclasses.replace(speculation, max_rows=min(speculation.max_rows, config.max_num_seqs))
             log.info("speculative decoding: %s", speculation)

@@ -31,6 +31,8 @@ class ScheduledChunk:
     start: int                    # position of the first token
     samples: bool                 # the chunk reaches the sequence's end, so its last logits are sampled
     proposed: int = 0             # speculative proposals after the sequence's newest token (token_ids[1:])
+    drafts: int = 0               # proposals a draft model is to make before the step (blocks held for them); it
+                                  # appends them to token_ids and sets `proposed` (server/worker/draft.py)
     verified: list[int] | None = None  # with proposals: each row's choice (greedy or sampled), filled by the runner
     verified_logprobs: list | None = None  # and each row's TokenLogprob, when the request asks for logprobs
 
@@ -99,10 +101,10 @@ class Scheduler:
         for seq in decoding:  # decodes (or replays of generated tokens): one token each, oldest first
             if seq.status is Status.RUNNING and budget > 0:
                 if self._grow(seq, seq.num_computed + 1, batch):
-                    proposals = self._proposals(seq, min(spare, budget - 1)) if spare else []
-                    batch.chunks.append(self._chunk(seq, 1, proposals))
-                    budget -= 1 + len(proposals)
-                    spare -= len(proposals)
+                    chunk = self._speculate(seq, min(spare, budget - 1)) if spare else self._chunk(seq, 1)
+                    batch.chunks.append(chunk)
+                    budget -= len(chunk.token_ids) + chunk.drafts
+                    spare -= chunk.proposed + chunk.drafts
         for seq in self.running:  # prefills under way, as far as blocks allow
             if seq.num_computed < seq.num_prompt and budget > 0:
                 n = self._fit(seq, min(budget, seq.num_prompt - seq.num_computed))
@@ -183,7 +185,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         """Release the sequence's blocks and queue it first, to be recomputed; it keeps its slot (sampler state)."""
         self._release_blocks(seq)
-        seq.num_computed = 0
+        seq.num_computed = seq.num_draft_computed = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -197,21 +199,24 @@ class Scheduler:
         seq.block_table = []
         seq.block_uids = []
 
-    def _proposals(self, seq: Sequence, room: int) -> list[int]:
-        """Up to `room` speculative tokens after the sequence's newest one, within its limits (output left, context)
-        and the free blocks (proposals never preempt anyone); blocks for them are taken."""
+    def _speculate(self, seq: Sequence, room: int) -> ScheduledChunk:
+        """The sequence's decode chunk with up to `room` speculative tokens after its newest one, within its limits
+        (output left, context) and the free blocks (proposals never preempt anyone); blocks for them are taken.
+        n-gram proposals are made here; a draft model's are left to make (`drafts`)."""
         spec = self.speculation
-        if room <= 0 or not can_speculate(seq):
-            return []
         k = min(spec.num_speculative_tokens, room, seq.max_tokens - len(seq.output_ids) - 1)
         if self.max_model_len is not None:
             k = min(k, self.max_model_len - seq.num_tokens)
-        if k <= 0:
-            return []
+        if k <= 0 or not can_speculate(seq):
+            return self._chunk(seq, 1)
+        if spec.method == "draft_model":
+            chunk = self._chunk(seq, 1)
+            chunk.drafts = self._fit(seq, 1 + k) - 1  # the newest token's block is already held
+            return chunk
         proposals = propose(seq.all_tokens(), k, spec.prompt_lookup_max, spec.prompt_lookup_min)
-        if not proposals:
-            return []
-        return proposals[:self._fit(seq, 1 + len(proposals)) - 1]  # the newest token's block is already held
+        if proposals:
+            proposals = proposals[:self._fit(seq, 1 + len(proposals)) - 1]
+        return self._chunk(seq, 1, proposals)
 
     @staticmethod
     def _chunk(seq: Sequence, n: int, proposals: list[int] | None = None) -> ScheduledChunk:

@@ -34,6 +34,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)  # its KV cache blocks, in token order
     block_uids: list[int] = field(default_factory=list)   # prefix-cache ids of its leading full blocks
     num_computed: int = 0                # tokens whose K/V are in the cache
+    num_draft_computed: int = 0          # tokens whose K/V are in a draft model's cache (its proposals' included)
     num_cached_tokens: int | None = None # prompt tokens found in the prefix cache when first admitted
     num_preemptions: int = 0
     num_draft_tokens: int = 0            # speculative proposals verified for it

@@ -1,7 +1,14 @@
-"""Speculative decoding with n-gram proposals (prompt lookup), verified in the decode step itself.
+"""Speculative decoding: proposals verified in the decode step itself.
 
-A sequence whose last n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`) occurred earlier in its
-prompt or output proposes the k tokens that followed that occurrence. The step then runs its last token and the
+Two proposers, one contract (the scheduler holds blocks for a sequence's newest token and up to k proposals;
+the verify step below does not care where they came from):
+- `ngram` (prompt lookup): a sequence whose last n tokens (n from `prompt_lookup_max` down to
+  `prompt_lookup_min`) occurred earlier in its prompt or output proposes the k tokens that followed that
+  occurrence; made by the scheduler, from the tokens alone.
+- `draft_model`: a smaller model with the same vocabulary proposes its k greedy tokens, run batched over the
+  speculating sequences just before the step (server/worker/draft.py), with a KV cache of its own indexed by the
+  same block tables.
+The step then runs its last token and the
 proposals as 1 + k decode rows at successive positions: every row is computed exactly as one step per token would
 compute it (packed kernels and elementwise code per row; the attention kernel writes every row's K/V before any
 row attends), so row j's logits are those one-at-a-time decoding would give after accepting proposals 0..j-1.
@@ -42,6 +49,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     max_rows: int = 8  # decode rows per step (proposals included) up to which proposals are made
+    model: str | None = None  # draft_model: the draft's checkpoint (a .gguf file, a directory or a Hub repo id)
 
     @classmethod
     def parse(cls, text: str | dict) -> SpeculativeConfig:
@@ -59,8 +67,15 @@ class SpeculativeConfig:
         method = spec.get("method")
         if method not in METHODS:
             raise ValueError(f"speculative_config.method must be one of {', '.join(METHODS)}, got {method!r}")
+        lookup = sorted({"prompt_lookup_max", "prompt_lookup_min"} & set(spec))
         if method == "draft_model":
-            raise ValueError("speculative_config: method draft_model is not supported yet; use ngram")
+            if not isinstance(spec.get("model"), str) or not spec["model"]:
+                raise ValueError("speculative_config.model (the draft model's path or repo id) is required with "
+                                 "method draft_model")
+            if lookup:
+                raise ValueError(f"speculative_config.{lookup[0]} applies to method ngram, not draft_model")
+        elif "model" in spec:
+            raise ValueError("speculative_config.model applies to method draft_model, not ngram")
         ints = {}
         for key, default in (("num_speculative_tokens", None), ("prompt_lookup_max", None),
                              ("prompt_lookup_min", None), ("max_rows", cls.max_rows)):
@@ -79,7 +94,7 @@ class SpeculativeConfig:
         lo, hi = lo if lo is not None else hi, hi if hi is not None else lo
         if lo > hi:
             raise ValueError("speculative_config.prompt_lookup_min must not exceed prompt_lookup_max")
-        return cls(method, ints["num_speculative_tokens"], hi, lo, ints["max_rows"])
+        return cls(method, ints["num_speculative_tokens"], hi, lo, ints["max_rows"], spec.get("model"))
 
 
 def accepted_length(proposals: list[int], targets: list[int]) -> int:

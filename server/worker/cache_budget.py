@@ -44,11 +44,13 @@ def cuda_kv_cache_budget(config: EngineConfig, model, max_model_len: int, dtype:
     return budget
 
 
-def kv_cache_blocks(config: EngineConfig, model, max_model_len: int, dtype: torch.dtype) -> int:
+def kv_cache_blocks(config: EngineConfig, model, max_model_len: int, dtype: torch.dtype, draft=None) -> int:
     """Blocks the KV cache gets: --kv-cache-memory bytes; on CUDA, --gpu-memory-utilization (0.9 by default, as
     vLLM) measured by cuda_kv_cache_budget; else room for every sequence at full length, at most
-    DEFAULT_KV_CACHE_MEMORY."""
-    per_block = KVCache.bytes_per_token(model.layer_config, dtype) * config.block_size
+    DEFAULT_KV_CACHE_MEMORY. A draft model's cache has as many blocks (the same block tables index both), so a
+    block costs both models' bytes."""
+    per_token = sum(KVCache.bytes_per_token(m.layer_config, m.dtype) for m in (model, draft) if m is not None)
+    per_block = per_token * config.block_size
     if config.kv_cache_memory is not None:
         budget = config.kv_cache_memory
     elif torch.device(config.device).type == "cuda":
@@ -64,11 +66,12 @@ def kv_cache_blocks(config: EngineConfig, model, max_model_len: int, dtype: torc
     return int(blocks)
 
 
-def cache_layout(config: EngineConfig, model, shard: Shard = Shard()) -> tuple[int, int]:
-    """(blocks, max_model_len): the KV cache's blocks and the longest sequence it serves. A split model's ranks
-    each measure their own budget and take the smallest block count (a collective: every rank calls this)."""
-    max_model_len = min(config.max_model_len, model.max_seq_len)
-    num_blocks = kv_cache_blocks(config, model, max_model_len, model.dtype)
+def cache_layout(config: EngineConfig, model, shard: Shard = Shard(), draft=None) -> tuple[int, int]:
+    """(blocks, max_model_len): the KV cache's blocks and the longest sequence it serves (and a draft model's, whose
+    cache has the same blocks). A split model's ranks each measure their own budget and take the smallest block
+    count (a collective: every rank calls this)."""
+    max_model_len = min(config.max_model_len, model.max_seq_len, draft.max_seq_len if draft else model.max_seq_len)
+    num_blocks = kv_cache_blocks(config, model, max_model_len, model.dtype, draft)
     if shard.split:
         count = torch.tensor([num_blocks], dtype=torch.long)
         count = count.to(config.device)

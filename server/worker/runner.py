@@ -18,6 +18,7 @@ from server.engine.sequence import Sequence
 from server.engine.speculation import accepted_length
 from server.worker.cache_budget import cache_layout
 from server.worker.decode import prepared_decode_step
+from server.worker.draft import DraftProposer
 from server.worker.grammar_masks import verify_masks
 from server.worker.sampler import Sampler, SamplerOutput, SampleRow
 
@@ -34,6 +35,7 @@ class ModelRunner:
                  parallel=None):
         self.model = model
         self.parallel = parallel
+        self.draft: DraftProposer | None = None  # a draft model proposing speculative tokens before each step
         self.device = torch.device(device)
         self.max_model_len = max_model_len
         dtype = model.dtype
@@ -47,17 +49,26 @@ class ModelRunner:
             return_freed_memory()  # what compiling freed (its graphs and buffers) back to the OS
 
     @classmethod
-    def from_config(cls, model: Llama, config: EngineConfig, parallel=None, shard: Shard = Shard()) -> ModelRunner:
-        """The runner the flags describe: the KV cache sized by them (the same block count on every rank)."""
-        num_blocks, max_model_len = cache_layout(config, model, shard)
-        return cls(model, config.max_num_seqs, num_blocks, config.block_size, max_model_len, config.device,
-                   compile_decode=not config.enforce_eager, seed=config.seed, parallel=parallel)
+    def from_config(cls, model: Llama, config: EngineConfig, parallel=None, shard: Shard = Shard(),
+                    draft_model: Llama | None = None) -> ModelRunner:
+        """The runner the flags describe: the KV cache sized by them (the same block count on every rank, and in a
+        draft model's cache)."""
+        num_blocks, max_model_len = cache_layout(config, model, shard, draft_model)
+        runner = cls(model, config.max_num_seqs, num_blocks, config.block_size, max_model_len, config.device,
+                     compile_decode=not config.enforce_eager, seed=config.seed, parallel=parallel)
+        if draft_model is not None:  # after the target's decode step, beside which the draft's is prepared
+            runner.draft = DraftProposer(draft_model, num_blocks, config.block_size, config.max_num_seqs,
+                                         max_model_len, config.max_num_batched_tokens, torch.device(config.device),
+                                         compile_decode=not config.enforce_eager)
+        return runner
 
     def start_sequence(self, seq: Sequence) -> None:
         seq.generator = self.sampler.start_sequence(seq.slot, seq.prompt_ids, seq.params, seq.index)
 
     def execute(self, batch: ScheduledBatch) -> SamplerOutput | None:
         """Run the batch; return the samples of the chunks that end their sequence (in chunk order)."""
+        if self.draft is not None:
+            self.draft.propose(batch)
         chunks = []
         for c in batch.chunks:
             blocks = tuple(c.seq.block_table)

@@ -19,13 +19,17 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     done = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--quick"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    for section in ("device", "sdpa", "tests", "parity", "throughput", "transformers", "server", "summary"):
+    for section in ("device", "sdpa", "tests", "parity", "throughput", "speculation", "transformers", "server",
+                    "summary"):
         assert f"=== {section} ===" in done.stdout
     assert "all sections passed" in done.stdout
     results = json.loads((tmp_path / "gpu_check" / "gpu_check.json").read_text())["results"]
     assert results["parity"]["passed"]
     assert set(results["throughput"]["decode_tokens_per_s"]) == {"1", "4"}
     assert 0 < results["throughput"]["batch1_fraction_of_bandwidth_limit"]
+    speculation = results["speculation"]
+    assert speculation["verify"]["verify_rows_exact"]["argmax_equal"] and speculation["engine"]["outputs_equal"]
+    assert speculation["engine"]["accepted_tokens"] > 0 and speculation["verify"]["draft_step_ms"] > 0
     assert results["transformers"]["output_tokens"] == 6 * 8  # greedy, no early stop: every token generated
     assert all(level["completed"] > 0 and level["failed"] == 0 for level in results["server"]["levels"].values())
     assert any("KV cache" in line for line in results["server"]["log"])

@@ -17,12 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def prepared_decode_step(model: Llama, cache: KVCache, max_batch: int, max_model_len: int,
-                         device: torch.device) -> DecodeStep | None:
-    """The device's decode step, prepared; None (decode eagerly) where there is none or preparing it failed."""
+                         device: torch.device, beside: bool = False) -> DecodeStep | None:
+    """The device's decode step, prepared; None (decode eagerly) where there is none or preparing it failed.
+    `beside`: prepared after another step that stays in use (a draft model's, after the target's)."""
     if device.type == "cuda":
         step = CapturedDecode(model, cache, max_batch, max_model_len, device)
     elif device.type == "cpu":
-        step = CompiledDecode(model, cache, max_batch, device)
+        step = CompiledDecode(model, cache, max_batch, device, beside=beside)
     else:
         log.info("no prepared decode step on %s; decoding eagerly", device)
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import types
 import weakref
 from collections.abc import Callable
 
@@ -42,7 +43,8 @@ _compiled_for: Callable[[], Llama | None] = lambda: None  # the model Dynamo's s
 
 
 class CompiledDecode(DecodeStep):
-    def __init__(self, model: Llama, cache: KVCache, max_batch: int, device: torch.device):
+    def __init__(self, model: Llama, cache: KVCache, max_batch: int, device: torch.device, beside: bool = False):
+        """`beside`: compiled after another step that stays in use (a draft model's, after the target's)."""
         super().__init__(model, cache, max_batch, device, sizes=list(range(1, max_batch + 1)))
         self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
@@ -50,12 +52,14 @@ class CompiledDecode(DecodeStep):
         # wrapper calls the generated kernels without the Python interpreter (1.5 ms a step at batch 1). The wrapper
         # is built apart from the kernels, at -O1: one -O3 file of both took 126 of a cold start's 190 s on the
         # default model (81 s in all, same step times).
-        # Dynamo keeps state per process that, with the module guards skipped, let a second model compiled here
-        # (same shapes, another weight format: the next test's, a draft model's) run a graph traced for the first:
-        # a step for another model than the last one starts from a clean Dynamo (the step built last is the one to
-        # run); another step for the same model reuses its graph.
+        # With the module guards skipped, nothing in a graph's guards tells one model from another of the same
+        # shapes. Dynamo keeps graphs per code object, so each step compiles its own copy of the forward function's
+        # code: a draft model's step beside the target's runs its own graph. Dynamo also keeps state per process
+        # that let a step for another model (the next test's, same shapes, another weight format) run a graph traced
+        # for an earlier one: a step for another model than the last starts from a clean Dynamo, unless it is
+        # compiled beside one in use.
         global _compiled_for
-        if _compiled_for() is not model:
+        if not beside and _compiled_for() is not model:
             torch._dynamo.reset()
             _compiled_for = weakref.ref(model)
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True,
@@ -65,7 +69,9 @@ class CompiledDecode(DecodeStep):
         entry_points = compiled_op_entry_points()
         if entry_points is not None and all(layer.self_attn.impl == "sdpa" for layer in model.model.layers):
             options["aot_inductor.custom_ops_to_c_shims"] = entry_points
-        self._compiled = torch.compile(self._forward, fullgraph=True, options=options)
+        forward = DecodeStep._forward
+        own = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__)
+        self._compiled = torch.compile(types.MethodType(own, self), fullgraph=True, options=options)
 
     def prepare(self) -> bool:
         """Compile (or load from the disk cache) the step, running the smallest and largest sizes on padding rows
