@@ -17,7 +17,7 @@ from server.engine.output import OutputProcessor, RequestMetrics, RequestOutput,
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import Sequence
-from server.engine.speculation import accepted_length
+from server.engine.speculation import SpeculationBudget, SpeculativeConfig, accepted_length
 from server.worker.draft import check_draft, load_draft
 from server.worker.runner import ModelRunner
 
@@ -78,19 +78,33 @@ class LLMEngine:
                                               draft_model=draft.model if draft is not None else None)
         self.max_model_len = self.runner.max_model_len
         num_blocks = self.runner.cache.num_blocks
+        budget = None
         if speculation is not None:  # the decode step holds at most max_num_seqs rows, proposals included
             speculation = dataclasses.replace(speculation, max_rows=min(speculation.max_rows, config.max_num_seqs))
             log.info("speculative decoding: %s", speculation)
+            budget = self._speculation_budget(speculation, parallel)
         self.scheduler = Scheduler(config.max_num_seqs, BlockPool(num_blocks, config.block_size),
                                    config.max_num_batched_tokens, config.max_waiting,
                                    prefix_caching=config.enable_prefix_caching,
                                    max_waiting_tokens=config.max_waiting_tokens, speculation=speculation,
-                                   max_model_len=self.max_model_len)
+                                   max_model_len=self.max_model_len, budget=budget)
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.spec_drafts_total = self.spec_draft_tokens_total = self.spec_accepted_tokens_total = 0
         self.spec_accepted_per_position = [0] * (speculation.num_speculative_tokens if speculation else 0)
+
+    def _speculation_budget(self, speculation: SpeculativeConfig, parallel) -> SpeculationBudget:
+        """Proposal rows per step from the decode step's (and the draft's) measured cost; a split model's steps
+        cannot be timed here alone (every rank runs them), so there proposals fill up to max_rows."""
+        if parallel is not None:
+            return SpeculationBudget(speculation)
+        step = self.runner.decode_seconds(speculation.max_rows)
+        draft = self.runner.draft.decode_seconds(speculation.max_rows) if self.runner.draft is not None else None
+        log.info("speculation's budget: a decode step of 1 / %d rows takes %.2f / %.2f ms%s", len(step),
+                 step[0] * 1e3, step[-1] * 1e3, "" if draft is None else
+                 f", a draft step of 1 / {len(draft)} rows {draft[0] * 1e3:.2f} / {draft[-1] * 1e3:.2f} ms")
+        return SpeculationBudget(speculation, step, draft)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         """Refuse a prompt the engine cannot run; reads only constants, so any thread may call it."""
@@ -155,6 +169,9 @@ class LLMEngine:
             self.consecutive_failures += 1
             return expired + [self._fail(rid, e) for rid in {c.seq.request_id for c in batch.chunks}]
         self.consecutive_failures = 0
+        budget = self.scheduler.budget
+        if budget is not None and not any(c.proposed for c in batch.chunks) and any(c.decode for c in batch.chunks):
+            budget.no_proposals()
         return expired + self._postprocess(batch, samples)
 
     @property
@@ -233,6 +250,7 @@ class LLMEngine:
         max_tokens end it where they would); the cache keeps the K/V of the newest token and accepted proposals."""
         seq, targets, proposals = chunk.seq, chunk.verified, chunk.token_ids[1:]
         accepted = accepted_length(proposals, targets)
+        self.scheduler.budget.verified(len(proposals), accepted)
         self.spec_drafts_total += 1
         self.spec_draft_tokens_total += len(proposals)
         self.spec_accepted_tokens_total += accepted

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from server.engine.block_pool import ROOT, BlockPool
 from server.engine.exceptions import EngineOverloaded
 from server.engine.sequence import Sequence, Status
-from server.engine.speculation import SpeculativeConfig, can_speculate, propose
+from server.engine.speculation import SpeculationBudget, SpeculativeConfig, can_speculate, propose
 
 
 @dataclass
@@ -53,8 +53,11 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, num_slots: int, blocks: BlockPool, max_num_batched_tokens: int, max_waiting: int,
                  prefix_caching: bool = True, max_waiting_tokens: int | None = None,
-                 speculation: SpeculativeConfig | None = None, max_model_len: int | None = None):
+                 speculation: SpeculativeConfig | None = None, max_model_len: int | None = None,
+                 budget: SpeculationBudget | None = None):
         self.speculation = speculation
+        # proposal rows per step (measured costs and acceptance); None: up to max_rows decode rows
+        self.budget = budget if budget is not None or speculation is None else SpeculationBudget(speculation)
         self.max_model_len = max_model_len
         self.free_slots = list(range(num_slots))  # a min-heap of sequence slots (the sampler's rows)
         self.blocks = blocks
@@ -96,8 +99,7 @@ class Scheduler:
     def _schedule_into(self, batch: ScheduledBatch) -> None:
         budget = self.max_num_batched_tokens
         decoding = [seq for seq in self.running if seq.num_computed >= seq.num_prompt]
-        # rows that speculative proposals may add to this step's decode rows
-        spare = 0 if self.speculation is None else max(0, self.speculation.max_rows - len(decoding))
+        spare = 0 if self.budget is None else self.budget.rows(len(decoding))  # proposal rows this step
         for seq in decoding:  # decodes (or replays of generated tokens): one token each, oldest first
             if seq.status is Status.RUNNING and budget > 0:
                 if self._grow(seq, seq.num_computed + 1, batch):

@@ -27,9 +27,13 @@ Logprobs of the emitted tokens come from the verify rows, which are the rows pla
 and min_tokens apply to each row as at its position; a structured output's grammar masks each row as at its
 position (server/worker/grammar_masks.verify_masks: the matcher takes the proposals, then rolls back; the engine
 then advances it through the emitted tokens as for any token); penalties count each row's earlier proposals, and
-only the emitted tokens join the sequence's counts. Load-aware: proposals are
-made only while a step's decode rows stay within `max_rows` (extra rows cost real compute once a step is no
-longer bound by reading the weights), so at many streams nothing changes.
+only the emitted tokens join the sequence's counts.
+
+Load-aware (`SpeculationBudget`): each step gets the number of proposal rows that maximises its expected tokens
+per second, from what was measured at start-up (the decode step's time by its rows, and a draft step's) and the
+acceptance measured since: extra rows are nearly free while a step is bound by reading the weights and cost real
+compute after, a draft's steps cost what they cost, and proposals nobody accepts are not worth a row. Never more
+than `max_rows` decode rows a step, proposals included.
 """
 
 from __future__ import annotations
@@ -127,3 +131,68 @@ def can_speculate(seq: Sequence) -> bool:
     mask comes from its matcher advanced through them (and rolled back), logit_bias, min_tokens, temperature,
     top-k, top-p, min-p and logprobs depend on the position at most."""
     return seq.num_computed == seq.num_tokens - 1
+
+
+class SpeculationBudget:
+    """Proposal rows per step. `step_seconds[r - 1]`: a decode step of r rows (r = 1 .. max_rows), measured;
+    `draft_seconds[r - 1]`: a draft model's decode step of r rows (None: proposals cost nothing, as n-gram's).
+    Without measurements (a tensor-parallel group), proposals fill the step up to max_rows.
+
+    A step of B decode rows emits B tokens; with m proposal rows (m / k sequences proposing k each) it emits
+    B + a * m in expectation, a being the fraction of proposals accepted lately, and costs
+    step(B + m) + k * draft(m / k). The budget is the m with the most tokens per second, 0 when none beats plain
+    decoding. The acceptance is a decaying average over verified proposals; while nothing is proposed it drifts
+    back toward PRIOR, so a workload that turns repetitive is noticed again."""
+
+    PRIOR = 0.5
+    DECAY = 0.98     # weight of the past per verified draft, and per step without one
+    WEIGHT = 4.0     # pseudo-proposals the prior counts for
+
+    def __init__(self, config: SpeculativeConfig, step_seconds: list[float] | None = None,
+                 draft_seconds: list[float] | None = None):
+        self.config = config
+        self.step_seconds = _nondecreasing(step_seconds)
+        self.draft_seconds = _nondecreasing(draft_seconds)
+        self.accepted, self.proposed = self.PRIOR * self.WEIGHT, self.WEIGHT
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed
+
+    def rows(self, decoding: int) -> int:
+        """Proposal rows for a step of `decoding` decode rows."""
+        room = max(0, self.config.max_rows - decoding)
+        if self.step_seconds is None or room == 0 or decoding == 0:
+            return room
+        k, a = self.config.num_speculative_tokens, self.acceptance
+        best, best_rate = 0, decoding / self.step_seconds[decoding - 1]
+        for m in range(1, room + 1):
+            proposing = -(-m // k)  # sequences that propose
+            if proposing > decoding:
+                break
+            cost = self.step_seconds[decoding + m - 1]
+            if self.draft_seconds is not None:
+                cost += min(k, m) * self.draft_seconds[proposing - 1]
+            rate = (decoding + a * m) / cost
+            if rate > best_rate:
+                best, best_rate = m, rate
+        return best
+
+    def verified(self, proposed: int, accepted: int) -> None:
+        self.accepted = self.DECAY * self.accepted + accepted
+        self.proposed = self.DECAY * self.proposed + proposed
+
+    def no_proposals(self) -> None:
+        """A step that proposed nothing: the acceptance drifts back toward the prior."""
+        self.accepted = self.DECAY * self.accepted + (1 - self.DECAY) * self.PRIOR * self.WEIGHT
+        self.proposed = self.DECAY * self.proposed + (1 - self.DECAY) * self.WEIGHT
+
+
+def _nondecreasing(seconds: list[float] | None) -> list[float] | None:
+    """Measured times made non-decreasing in the rows (noise must not make a bigger step look cheaper)."""
+    if seconds is None:
+        return None
+    out = []
+    for t in seconds:
+        out.append(max(t, out[-1]) if out else t)
+    return out

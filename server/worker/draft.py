@@ -24,7 +24,7 @@ from model.llama import Llama
 from model.loading import LoadedModel
 from server.engine.config import EngineConfig
 from server.engine.scheduler import ScheduledBatch, ScheduledChunk
-from server.worker.decode import prepared_decode_step
+from server.worker.decode import prepared_decode_step, time_decode_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ class DraftProposer:
         if compile_decode:
             # after the target's step, which stays in use beside it
             self.decode_step = prepared_decode_step(model, self.cache, max_batch, max_model_len, device, beside=True)
+
+    def decode_seconds(self, max_rows: int) -> list[float]:
+        """A draft decode step's measured seconds by its rows, 1 .. max_rows (speculation's budget)."""
+        return time_decode_rows(self._decode, self.cache, max_rows)
 
     def propose(self, batch: ScheduledBatch) -> None:
         """Each chunk with `drafts` to make gets that many proposals after its newest token (in `token_ids`,

@@ -17,7 +17,7 @@ from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.engine.speculation import accepted_length
 from server.worker.cache_budget import cache_layout
-from server.worker.decode import prepared_decode_step
+from server.worker.decode import prepared_decode_step, time_decode_rows
 from server.worker.draft import DraftProposer
 from server.worker.grammar_masks import verify_masks
 from server.worker.sampler import Sampler, SamplerOutput, SampleRow
@@ -61,6 +61,12 @@ class ModelRunner:
                                          max_model_len, config.max_num_batched_tokens, torch.device(config.device),
                                          compile_decode=not config.enforce_eager)
         return runner
+
+    def decode_seconds(self, max_rows: int) -> list[float]:
+        """A decode step's measured seconds by its rows, 1 .. max_rows (speculation's budget): before any request."""
+        def run(rows):
+            self.forward([SequenceChunk(0, p, [t], decode=True, blocks=b) for t, p, b in rows])
+        return time_decode_rows(run, self.cache, max_rows)
 
     def start_sequence(self, seq: Sequence) -> None:
         seq.generator = self.sampler.start_sequence(seq.slot, seq.prompt_ids, seq.params, seq.index)

@@ -4,6 +4,8 @@ captured as CUDA graphs on CUDA (graphs.py)."""
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,3 +30,29 @@ def prepared_decode_step(model: Llama, cache: KVCache, max_batch: int, max_model
         log.info("no prepared decode step on %s; decoding eagerly", device)
         return None
     return step if step.prepare() else None
+
+
+TIMING_CONTEXT = 256  # tokens each row attends to when decode steps are timed
+
+
+def time_decode_rows(run: Callable[[list[tuple[int, int, tuple[int, ...]]]], object], cache: KVCache,
+                     max_rows: int, repeats: int = 3) -> list[float]:
+    """Seconds a decode step of r rows takes through `run` (rows of (token, position, blocks)), r = 1 .. max_rows:
+    the best of `repeats`. Every row sits at position TIMING_CONTEXT - 1 of the cache's first blocks (one
+    sequence's: timed before any request, when nothing else is there), so it attends to as many tokens as a
+    serving step's row might."""
+    context = min(TIMING_CONTEXT, cache.num_tokens)
+    table = tuple(range(-(-context // cache.block_size)))
+    cuda = cache.k.device.type == "cuda"
+    seconds = []
+    for r in range(1, max_rows + 1):
+        rows = [(0, context - 1, table)] * r
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(rows)
+            if cuda:
+                torch.cuda.synchronize(cache.k.device)
+            best = min(best, time.perf_counter() - start)
+        seconds.append(best)
+    return seconds

@@ -67,3 +67,12 @@ def assert_all_slots_free(engine: LLMEngine) -> None:
     assert engine.scheduler.num_free_slots == engine.config.max_num_seqs
     assert stats.blocks_used == 0 and engine.scheduler.blocks.num_available == stats.num_blocks  # no block leaked
     assert not engine.requests
+
+
+def always_propose(engine: LLMEngine) -> LLMEngine:
+    """Proposals up to max_rows every step, whatever they cost (the budget without measurements, as a split model's
+    engine runs it): for tests of what speculation computes, not of when it pays."""
+    from server.engine.speculation import SpeculationBudget
+
+    engine.scheduler.budget = SpeculationBudget(engine.scheduler.speculation)
+    return engine

@@ -16,7 +16,7 @@ from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
 from tests.model.checkpoint.test_loading import LAYOUTS, write_checkpoint
-from tests.server.engine.helpers import assert_all_slots_free, collect, make_engine, run
+from tests.server.engine.helpers import always_propose, assert_all_slots_free, collect, make_engine, run
 from tests.server.engine.test_speculation import TEXTS
 
 TINY_KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 8 * 4  # K and V x 2 layers x 2 KV heads x 8 dims x float32
@@ -67,7 +67,8 @@ def test_the_target_as_its_own_draft_has_nearly_every_proposal_accepted_and_chan
     requests["sampled"] = (tok.encode(TEXTS[3]), SamplingParams(temperature=0.7, seed=3, max_tokens=30,
                                                                 ignore_eos=True, logprobs=1))
     plain = run(make_engine(smollm_bf16), requests)
-    engine = make_engine(smollm_bf16, speculative_config=draft_config(default_gguf_path(), max_rows=16))
+    engine = always_propose(make_engine(smollm_bf16, speculative_config=draft_config(default_gguf_path(),
+                                                                                      max_rows=16)))
     together = run(engine, requests)
     assert_same_outputs(together, plain, requests)
     greedy = [rid for rid in requests if rid != "sampled"]
@@ -97,8 +98,8 @@ def test_a_random_draft_is_mostly_rejected_and_changes_nothing(tiny_dirs):
     blocks = 14 * 16 * TINY_KV_BYTES_PER_TOKEN  # 14 blocks; a draft's cache has as many, of its own bytes
     plain_engine = make_engine(target, kv_cache_memory=blocks)
     plain = run(plain_engine, requests)
-    engine = make_engine(target, speculative_config=draft_config(draft_dir, k=3, max_rows=16),
-                         kv_cache_memory=2 * blocks)
+    engine = always_propose(make_engine(target, speculative_config=draft_config(draft_dir, k=3, max_rows=16),
+                                        kv_cache_memory=2 * blocks))
     out = run(engine, requests)
     assert_same_outputs(out, plain, requests, tolerance=1e-5)
     stats = engine.stats()
@@ -112,7 +113,7 @@ def test_random_aborts_leave_no_block_held(tiny_dirs):
     """64 requests with a draft model, a third of them aborted at random steps: every slot and block comes back."""
     target_dir, draft_dir = tiny_dirs
     target = load(str(target_dir), dtype=torch.float32)
-    engine = make_engine(target, speculative_config=draft_config(draft_dir, k=4, max_rows=16))
+    engine = always_propose(make_engine(target, speculative_config=draft_config(draft_dir, k=4, max_rows=16)))
     rng = random.Random(0)
     tok = target.tokenizer
     for i in range(64):
@@ -146,7 +147,8 @@ def test_compiled_draft_and_target_steps_coexist(tiny_dirs):
     config = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256, enforce_eager=False)
     plain = run(LLMEngine(target, EngineConfig(**config)), requests)
     for draft, expect_all in ((target_dir, True), (draft_dir, False)):
-        engine = LLMEngine(target, EngineConfig(speculative_config=draft_config(draft, max_rows=8), **config))
+        engine = always_propose(LLMEngine(target, EngineConfig(speculative_config=draft_config(draft, max_rows=8),
+                                                               **config)))
         assert engine.runner.decode_step is not None and engine.runner.draft.decode_step is not None
         out = run(engine, requests)
         assert_same_outputs(out, plain, requests)
@@ -197,6 +199,7 @@ def test_verify_rows_through_the_cuda_attention_kernel_give_what_plain_decoding_
     engine = LLMEngine(target, EngineConfig(enforce_eager=True, max_model_len=256, max_num_seqs=8,
                                             max_num_batched_tokens=256,
                                             speculative_config=draft_config(target_dir, k=3, max_rows=8)), draft=draft)
+    always_propose(engine)
     out = run(engine, requests)
     assert_same_outputs(out, plain, requests, tolerance=1e-4)
     assert engine.stats().spec_accepted_tokens_total > 10

@@ -11,7 +11,7 @@ import torch
 from model.loading import load
 from server.engine.config import EngineConfig
 from server.engine.sampling_params import SamplingParams
-from server.engine.speculation import SpeculativeConfig, propose
+from server.engine.speculation import SpeculationBudget, SpeculativeConfig, propose
 from tests.server.engine.helpers import assert_all_slots_free, make_engine, run
 
 NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
@@ -196,3 +196,55 @@ def test_structured_outputs_speculate_and_give_what_plain_decoding_gives(smollm_
         assert out[(rid, 0)].metrics.num_draft_tokens > 0, rid
     assert out[("greedy", 0)].metrics.num_accepted_tokens > 0
     assert_all_slots_free(engine)
+
+
+def budget(step, draft=None, k=4, max_rows=8):
+    spec = SpeculativeConfig("ngram" if draft is None else "draft_model", k, max_rows=max_rows)
+    return SpeculationBudget(spec, step, draft)
+
+
+def test_the_budget_fills_a_step_while_rows_are_nearly_free_and_stops_where_they_cost():
+    flat = [0.010 + 0.0002 * r for r in range(1, 9)]       # bound by reading the weights: rows nearly free
+    assert budget(flat).rows(1) == 4 and budget(flat).rows(3) == 5  # one sequence proposes k at most
+    linear = [0.010 * r for r in range(1, 9)]              # every row costs as much as the first
+    assert budget(linear).rows(1) == 0                     # half the proposals accepted never pays for a row
+    assert budget(flat).rows(8) == 0 and budget(None).rows(5) == 3  # no room; unmeasured: up to max_rows
+
+
+def test_a_draft_as_costly_as_the_target_is_not_run_and_a_cheap_one_is():
+    step = [0.010] * 8
+    assert budget(step, draft=[0.010] * 8).rows(1) == 0    # k draft steps + a verify for 1 + 4a tokens, a = 0.5
+    assert budget(step, draft=[0.001] * 8).rows(1) == 4    # one sequence proposes its k
+    assert budget(step, draft=[0.001] * 8).rows(2) == 6    # two sequences share what the step has room for
+
+
+def test_the_budget_follows_measured_acceptance_and_looks_again_later():
+    b = budget([0.010 + 0.002 * r for r in range(1, 9)])
+    assert b.rows(1) > 0
+    for _ in range(100):
+        b.verified(4, 0)                                   # nothing accepted, again and again
+    assert b.acceptance < 0.05 and b.rows(1) == 0
+    steps = 0
+    while b.rows(1) == 0:                                  # steps without proposals: back toward the prior
+        b.no_proposals()
+        steps += 1
+    assert 10 < steps < 200
+
+
+def test_measured_times_never_make_a_bigger_step_look_cheaper():
+    b = budget([0.010, 0.012, 0.008, 0.013, 0.013, 0.013, 0.013, 0.013])
+    assert b.step_seconds[:3] == [0.010, 0.012, 0.012]
+
+
+def test_a_draft_as_costly_as_the_target_is_measured_and_left_unused(smollm_bf16):
+    """The measured budget at start-up: the default model drafting for itself costs k target steps for at most k
+    tokens, so nothing is proposed, and the outputs are plain decoding's."""
+    from model.paths import default_gguf_path
+
+    tok = smollm_bf16.tokenizer
+    requests = {"r": (tok.encode(TEXTS[0]), SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))}
+    spec = json.dumps({"method": "draft_model", "model": str(default_gguf_path()), "num_speculative_tokens": 4})
+    engine = make_engine(smollm_bf16, speculative_config=spec)
+    out = run(engine, requests)
+    assert out[("r", 0)].token_ids == run(make_engine(smollm_bf16), requests)[("r", 0)].token_ids
+    assert engine.stats().spec_drafts_total == 0 and engine.scheduler.budget.draft_seconds is not None
