@@ -83,8 +83,9 @@ class EngineConfig:
         None, "speculative decoding, as vLLM's JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": K, "
         "\"prompt_lookup_max\": N, \"prompt_lookup_min\": M} (proposals from the request's own tokens) or "
         "{\"method\": \"draft_model\", \"model\": PATH_OR_REPO, \"num_speculative_tokens\": K} (a smaller model "
-        "with the same vocabulary), verified in the decode step: outputs unchanged; optional \"max_rows\": decode "
-        "rows per step up to which proposals are made (default 8)", shown="off")
+        "with the same vocabulary), verified in the decode step: outputs unchanged; each step gets the proposals that "
+        "pay by its measured cost and acceptance; optional \"max_rows\": decode rows per step, proposals included, "
+        "at most (default 8)", shown="off")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
