@@ -103,6 +103,7 @@ def engine_end_to_end(tiny: ModelConfig, device: torch.device, dtype: torch.dtyp
     from server.engine.config import EngineConfig
     from server.engine.llm_engine import LLMEngine
     from server.engine.sampling_params import SamplingParams
+    from server.engine.speculation import SpeculationBudget
 
     def loaded() -> LoadedModel:
         model = build_model(tiny, random_state(tiny, device, dtype, seed=3).items(), device=device, dtype=dtype)
@@ -127,11 +128,17 @@ def engine_end_to_end(tiny: ModelConfig, device: torch.device, dtype: torch.dtyp
     plain = run(LLMEngine(target, EngineConfig(**settings)))
     spec = '{"method": "draft_model", "model": "tiny-random", "num_speculative_tokens": 4}'
     engine = LLMEngine(target, EngineConfig(speculative_config=spec, **settings), draft=loaded())
+    measured = engine.scheduler.budget
+    # A draft as costly as its target never pays, so the measured budget would propose nothing: proposals up to
+    # max_rows every step (the unmeasured budget), to run the path.
+    engine.scheduler.budget = SpeculationBudget(engine.scheduler.speculation)
     got = run(engine)
     stats = engine.stats()
     return {"outputs_equal": got == plain, "draft_tokens": stats.spec_draft_tokens_total,
             "accepted_tokens": stats.spec_accepted_tokens_total,
-            "prepared_steps": [engine.runner.decode_step is not None, engine.runner.draft.decode_step is not None]}
+            "prepared_steps": [engine.runner.decode_step is not None, engine.runner.draft.decode_step is not None],
+            "measured_step_ms_by_rows": [round(t * 1e3, 3) for t in measured.step_seconds],
+            "measured_draft_step_ms_by_rows": [round(t * 1e3, 3) for t in measured.draft_seconds]}
 
 
 def section_speculation(ctx: dict, tiny: ModelConfig, random_state, tokenizer) -> dict:

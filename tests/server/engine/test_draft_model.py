@@ -109,11 +109,15 @@ def test_a_random_draft_is_mostly_rejected_and_changes_nothing(tiny_dirs):
     assert_all_slots_free(engine)
 
 
-def test_random_aborts_leave_no_block_held(tiny_dirs):
-    """64 requests with a draft model, a third of them aborted at random steps: every slot and block comes back."""
+@pytest.mark.parametrize("method", ["draft_model", "ngram"])
+def test_random_aborts_leave_no_block_held(tiny_dirs, method):
+    """64 requests speculating (a draft model's proposals, or n-gram ones from the prompts' repeats), a third of
+    them aborted at random steps: every slot and block comes back."""
     target_dir, draft_dir = tiny_dirs
     target = load(str(target_dir), dtype=torch.float32)
-    engine = always_propose(make_engine(target, speculative_config=draft_config(draft_dir, k=4, max_rows=16)))
+    spec = (draft_config(draft_dir, k=4, max_rows=16) if method == "draft_model" else
+            json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "max_rows": 16}))
+    engine = always_propose(make_engine(target, speculative_config=spec))
     rng = random.Random(0)
     tok = target.tokenizer
     for i in range(64):
