@@ -10,7 +10,9 @@ import random
 import pytest
 import torch
 
-from model.loading import load
+from model.batch import ForwardBatch, SequenceChunk
+from model.kv_cache import KVCache
+from model.loading import LoadedModel, load
 from model.paths import default_gguf_path
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
@@ -207,3 +209,89 @@ def test_verify_rows_through_the_cuda_attention_kernel_give_what_plain_decoding_
     out = run(engine, requests)
     assert_same_outputs(out, plain, requests, tolerance=1e-4)
     assert engine.stats().spec_accepted_tokens_total > 10
+
+
+def tiny_vocab_model(seed: int, tokenizer) -> LoadedModel:
+    """A random one-layer Llama over a vocabulary of 8 tokens (ids that Meta's tokenizer decodes as punctuation)."""
+    from model.config import ModelConfig
+    from model.loading import build_model
+    from model.llama import Llama
+
+    config = ModelConfig(vocab_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                         tie_word_embeddings=False, name="vocab-8")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Llama(config).named_parameters()}
+    state = {name: torch.ones(shape) if "norm" in name else torch.randn(shape, generator=gen) * 0.3
+             for name, shape in shapes.items()}
+    return LoadedModel(build_model(config, state.items()), tokenizer, config, f"vocab-8-seed-{seed}", 0.0)
+
+
+def exact_pairs(model: LoadedModel, prompt: list[int], params: SamplingParams) -> torch.Tensor:
+    """P(second token, third token) [8, 8] of the target, over every first token, spelled out here: softmax at the
+    temperature after the frequency penalty (of the tokens generated so far), top-k and top-p as the OpenAI API
+    defines them."""
+    def distribution(generated: list[int]) -> torch.Tensor:
+        ids = prompt + generated
+        cache = KVCache(model.config, 1, 16)
+        row = model.model(ForwardBatch.build([SequenceChunk(0, 0, ids)], block_size=16), cache)[-1].double()
+        for t in generated:
+            row[t] -= params.frequency_penalty
+        probs = torch.softmax(row / params.temperature, dim=-1)
+        if params.top_k:
+            probs[probs < probs.topk(params.top_k).values[-1]] = 0
+        order = probs.argsort(descending=True)
+        before = torch.cumsum(probs[order], 0) - probs[order]  # mass of the more likely tokens
+        probs[order[before >= params.top_p * probs.sum()]] = 0
+        return probs / probs.sum()
+
+    pairs = torch.zeros(8, 8, dtype=torch.float64)
+    first = distribution([])
+    for a in range(8):
+        if first[a] > 0:
+            second = distribution([a])
+            for b in range(8):
+                if second[b] > 0:
+                    pairs[b] += first[a] * second[b] * distribution([a, b])
+    return pairs
+
+
+@pytest.mark.parametrize("name,params", [
+    ("plain", SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)),
+    ("top-k top-p", SamplingParams(temperature=0.8, top_k=5, top_p=0.85, max_tokens=3, ignore_eos=True)),
+    ("penalised", SamplingParams(temperature=1.0, frequency_penalty=1.5, max_tokens=3, ignore_eos=True)),
+])
+def test_speculative_sampling_draws_the_targets_distribution(tiny_dirs, name, params):
+    """On a vocabulary of 8 tokens, 4,000 unseeded samples of three tokens, each proposal the target's own greedy
+    choice (so it is accepted as often as the sample lands on it, and a verify step that favoured its proposals
+    would skew the distribution toward the argmax): the third token is a verify row's sample when the proposal for the second was
+    accepted, a later step's when not, and the empirical distribution of the (second, third) pair is the target's,
+    computed exactly, within sampling noise (total variation under 1.5 times what sampling alone gives in
+    expectation)."""
+    tokenizer = load(str(tiny_dirs[0]), dtype=torch.float32).tokenizer
+    # the draft proposes the target's own argmax: accepted only as often as the sample lands on it
+    target, draft = tiny_vocab_model(1, tokenizer), tiny_vocab_model(1, tokenizer)
+    prompt = [1, 2, 3]
+    spec = json.dumps({"method": "draft_model", "model": "vocab-8-seed-1", "num_speculative_tokens": 2,
+                       "max_rows": 48})
+    engine = always_propose(LLMEngine(target, EngineConfig(enforce_eager=True, max_model_len=64, max_num_seqs=48,
+                                                           max_num_batched_tokens=256, speculative_config=spec),
+                                      draft=draft))
+    counts = torch.zeros(8, 8, dtype=torch.float64)
+    samples, group = 4000, 16  # 16 at a time: room in each step for their proposals
+    results: dict = {}
+    for start in range(0, samples, group):
+        for i in range(start, start + group):
+            engine.add_request(f"s{i}", prompt, params)
+        while engine.has_work():
+            collect(engine.step(), results)
+    for result in results.values():
+        _, b, c = result.token_ids
+        counts[b, c] += 1
+    stats = engine.stats()
+    assert 0.1 < stats.spec_accepted_tokens_total / stats.spec_draft_tokens_total < 0.9  # proposals both ways
+    exact = exact_pairs(target, prompt, params)
+    distance = 0.5 * (counts / samples - exact).abs().sum().item()
+    noise = 0.5 * (2 * exact * (1 - exact) / (torch.pi * samples)).sqrt().sum().item()  # its expectation if exact
+    assert distance < 1.5 * noise, (name, distance, noise)
