@@ -36,6 +36,7 @@ class DraftProposer:
         self.device = device
         self.max_batch = max_batch
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_len = min(model.max_seq_len, max_model_len)
         self.cache = KVCache(model.layer_config, num_blocks, block_size, dtype=model.dtype, device=device)
         log.info("draft model's KV cache: %d blocks x %d tokens, %s, %.1f MiB", num_blocks, block_size, model.dtype,
                  self.cache.nbytes / 2**20)
@@ -46,7 +47,7 @@ class DraftProposer:
 
     def decode_seconds(self, max_rows: int) -> list[float]:
         """A draft decode step's measured seconds by its rows, 1 .. max_rows (speculation's budget)."""
-        return time_decode_rows(self._decode, self.cache, max_rows)
+        return time_decode_rows(self._decode, self.cache, max_rows, self.max_len)
 
     def propose(self, batch: ScheduledBatch) -> None:
         """Each chunk with `drafts` to make gets that many proposals after its newest token (in `token_ids`,

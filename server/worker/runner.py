@@ -66,7 +66,7 @@ class ModelRunner:
         """A decode step's measured seconds by its rows, 1 .. max_rows (speculation's budget): before any request."""
         def run(rows):
             self.forward([SequenceChunk(0, p, [t], decode=True, blocks=b) for t, p, b in rows])
-        return time_decode_rows(run, self.cache, max_rows)
+        return time_decode_rows(run, self.cache, max_rows, min(self.model.max_seq_len, self.max_model_len))
 
     def start_sequence(self, seq: Sequence) -> None:
         seq.generator = self.sampler.start_sequence(seq.slot, seq.prompt_ids, seq.params, seq.index)

@@ -36,12 +36,12 @@ TIMING_CONTEXT = 256  # tokens each row attends to when decode steps are timed
 
 
 def time_decode_rows(run: Callable[[list[tuple[int, int, tuple[int, ...]]]], object], cache: KVCache,
-                     max_rows: int, repeats: int = 3) -> list[float]:
+                     max_rows: int, max_len: int, repeats: int = 3) -> list[float]:
     """Seconds a decode step of r rows takes through `run` (rows of (token, position, blocks)), r = 1 .. max_rows:
-    the best of `repeats`. Every row sits at position TIMING_CONTEXT - 1 of the cache's first blocks (one
-    sequence's: timed before any request, when nothing else is there), so it attends to as many tokens as a
-    serving step's row might."""
-    context = min(TIMING_CONTEXT, cache.num_tokens)
+    the best of `repeats`. Every row sits at position TIMING_CONTEXT - 1 (or the last of `max_len` positions) of
+    the cache's first blocks (one sequence's: timed before any request, when nothing else is there), so it attends
+    to as many tokens as a serving step's row might."""
+    context = min(TIMING_CONTEXT, cache.num_tokens, max_len)
     table = tuple(range(-(-context // cache.block_size)))
     cuda = cache.k.device.type == "cuda"
     seconds = []

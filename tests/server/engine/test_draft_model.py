@@ -150,7 +150,8 @@ def test_compiled_draft_and_target_steps_coexist(tiny_dirs):
     tok = target.tokenizer
     requests = {f"r{i}": (tok.encode(f"Tale {i}:" + " on" * i), SamplingParams(temperature=0.0, max_tokens=24,
                                                                             ignore_eos=True)) for i in range(3)}
-    config = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256, enforce_eager=False)
+    # a context shorter than the 256 tokens decode steps are timed at: timed within it
+    config = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=256, enforce_eager=False)
     plain = run(LLMEngine(target, EngineConfig(**config)), requests)
     for draft, expect_all in ((target_dir, True), (draft_dir, False)):
         engine = always_propose(LLMEngine(target, EngineConfig(speculative_config=draft_config(draft, max_rows=8),
