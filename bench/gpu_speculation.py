@@ -58,10 +58,9 @@ def _prepared(model, context: int, device: torch.device, rows: int):
 
 
 def _rows(model, cache, step, token_ids, positions, tables, device):
-    if step is not None:
-        return step.run(token_ids, positions, tables).clone()
-    chunks = [SequenceChunk(0, p, [t], decode=True, blocks=b) for t, p, b in zip(token_ids, positions, tables)]
-    return model(ForwardBatch.build(chunks, device, BLOCK), cache)
+    from server.worker.decode import decode_rows
+
+    return decode_rows(model, cache, step, list(zip(token_ids, positions, tables)), device).clone()
 
 
 def verify_costs(model, config: ModelConfig, device: torch.device, dtype: torch.dtype, context: int,

@@ -24,7 +24,7 @@ from model.llama import Llama
 from model.loading import LoadedModel
 from server.engine.config import EngineConfig
 from server.engine.scheduler import ScheduledBatch, ScheduledChunk
-from server.worker.decode import prepared_decode_step, time_decode_rows
+from server.worker.decode import decode_rows, prepared_decode_step, time_decode_rows
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,7 @@ class DraftProposer:
         (the attention op writes every row's K/V before any row attends)."""
         choices = []
         for i in range(0, len(rows), self.max_batch):
-            tokens, positions, tables = zip(*rows[i:i + self.max_batch])
-            if self.decode_step is not None:
-                logits = self.decode_step.run(list(tokens), list(positions), list(tables))
-            else:
-                step = [SequenceChunk(0, p, [t], decode=True, blocks=b) for t, p, b in zip(tokens, positions, tables)]
-                logits = self.model(ForwardBatch.build(step, self.device, self.cache.block_size), self.cache)
+            logits = decode_rows(self.model, self.cache, self.decode_step, rows[i:i + self.max_batch], self.device)
             choices += logits.argmax(dim=-1).tolist()
         return choices
 

@@ -17,7 +17,7 @@ from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.engine.speculation import accepted_length
 from server.worker.cache_budget import cache_layout
-from server.worker.decode import prepared_decode_step, time_decode_rows
+from server.worker.decode import decode_rows, prepared_decode_step, time_decode_rows
 from server.worker.draft import DraftProposer
 from server.worker.grammar_masks import verify_masks
 from server.worker.sampler import Sampler, SamplerOutput, SampleRow
@@ -65,7 +65,7 @@ class ModelRunner:
     def decode_seconds(self, max_rows: int) -> list[float]:
         """A decode step's measured seconds by its rows, 1 .. max_rows (speculation's budget): before any request."""
         def run(rows):
-            self.forward([SequenceChunk(0, p, [t], decode=True, blocks=b) for t, p, b in rows])
+            decode_rows(self.model, self.cache, self.decode_step, rows, self.device)
         return time_decode_rows(run, self.cache, max_rows, min(self.model.max_seq_len, self.max_model_len))
 
     def start_sequence(self, seq: Sequence) -> None:

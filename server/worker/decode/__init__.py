@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from model.batch import ForwardBatch, SequenceChunk
 from model.kv_cache import KVCache
 from model.llama import Llama
 from server.worker.decode.compiled import CompiledDecode
@@ -30,6 +31,18 @@ def prepared_decode_step(model: Llama, cache: KVCache, max_batch: int, max_model
         log.info("no prepared decode step on %s; decoding eagerly", device)
         return None
     return step if step.prepare() else None
+
+
+def decode_rows(model: Llama, cache: KVCache, step: DecodeStep | None, rows: list[tuple[int, int, tuple[int, ...]]],
+                device: torch.device) -> torch.Tensor:
+    """Logits [n, vocab] of n decode rows (token, position, blocks) through the prepared step, or eagerly without
+    one; rows of one sequence at successive positions included (the attention op writes every row's K/V first).
+    Through a step, a view of its buffer: use it before the next run."""
+    tokens, positions, tables = (list(column) for column in zip(*rows))
+    if step is not None:
+        return step.run(tokens, positions, tables)
+    chunks = [SequenceChunk(0, p, [t], decode=True, blocks=b) for t, p, b in zip(tokens, positions, tables)]
+    return model(ForwardBatch.build(chunks, device, cache.block_size), cache)
 
 
 TIMING_CONTEXT = 256  # tokens each row attends to when decode steps are timed

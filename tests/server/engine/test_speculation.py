@@ -12,7 +12,7 @@ from model.loading import load
 from server.engine.config import EngineConfig
 from server.engine.sampling_params import SamplingParams
 from server.engine.speculation import SpeculationBudget, SpeculativeConfig, propose
-from tests.server.engine.helpers import assert_all_slots_free, make_engine, run
+from tests.server.engine.helpers import always_propose, assert_all_slots_free, make_engine, run
 
 NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
                     "prompt_lookup_min": 1})
@@ -76,7 +76,7 @@ def test_greedy_outputs_are_unchanged_and_proposals_are_accepted(smollm_bf16):
               SamplingParams(temperature=0.0, max_tokens=33, ignore_eos=True)]
     requests = {f"r{i}": (tok.encode(text), p) for i, (text, p) in enumerate(zip(TEXTS, params))}
     plain = run(make_engine(smollm_bf16), requests)
-    engine = make_engine(smollm_bf16, speculative_config=NGRAM)
+    engine = always_propose(make_engine(smollm_bf16, speculative_config=NGRAM))
     together = run(engine, requests)
     alone = {}
     for rid, request in requests.items():
@@ -118,7 +118,7 @@ def test_seeded_sampled_and_logprob_requests_speculate_and_give_what_plain_decod
     }
     plain = run(make_engine(smollm_bf16), requests)
     wide = json.dumps({**json.loads(NGRAM), "max_rows": 16})  # eight sequences, room for proposals beside them
-    engine = make_engine(smollm_bf16, speculative_config=wide)
+    engine = always_propose(make_engine(smollm_bf16, speculative_config=wide))
     together = run(engine, requests)
     alone = run(engine, {"warm": requests["warm"]})
     for rid in requests:
@@ -137,7 +137,7 @@ def test_no_proposals_once_the_step_is_full(smollm_bf16):
     """max_rows 2 with three decoding sequences: no step has room, so nothing is proposed."""
     tok = smollm_bf16.tokenizer
     spec = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "max_rows": 2})
-    engine = make_engine(smollm_bf16, speculative_config=spec)
+    engine = always_propose(make_engine(smollm_bf16, speculative_config=spec))
     ids = tok.encode(TEXTS[0])
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     for i in range(3):
@@ -159,7 +159,7 @@ def test_penalized_requests_speculate_and_give_what_plain_decoding_gives(smollm_
                    # a negative penalty favours repeats: long accepted runs, whose rows must count each other
                    SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, frequency_penalty=-1.0)):
         plain = run(make_engine(smollm_bf16), {"r": (ids, params)})
-        engine = make_engine(smollm_bf16, speculative_config=NGRAM)
+        engine = always_propose(make_engine(smollm_bf16, speculative_config=NGRAM))
         out = run(engine, {"r": (ids, params)})
         assert out[("r", 0)].token_ids == plain[("r", 0)].token_ids, params
         assert out[("r", 0)].metrics.num_accepted_tokens > 0, params
@@ -186,7 +186,7 @@ def test_structured_outputs_speculate_and_give_what_plain_decoding_gives(smollm_
                 "sampled": (ids, SamplingParams(temperature=0.6, seed=9, **constrained)),
                 "free": (ids, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))}
     plain = run(make_engine(smollm_bf16), requests)
-    engine = make_engine(smollm_bf16, speculative_config=NGRAM)
+    engine = always_propose(make_engine(smollm_bf16, speculative_config=NGRAM))
     out = run(engine, requests)
     for rid in requests:
         assert out[(rid, 0)].error is None and plain[(rid, 0)].error is None, rid

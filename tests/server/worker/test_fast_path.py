@@ -13,7 +13,7 @@ from model.loading import load
 from server.engine.config import EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
-from tests.server.engine.helpers import GREEDY, assert_all_slots_free, collect, prompts, run
+from tests.server.engine.helpers import GREEDY, always_propose, assert_all_slots_free, collect, prompts, run
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def test_speculation_on_the_compiled_step_leaves_greedy_outputs_unchanged(smollm
     requests = {f"r{i}": (tok.encode(t), greedy) for i, t in enumerate(texts)}
     config = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256)
     plain = run(LLMEngine(smollm_int4, EngineConfig(**config)), requests)
-    engine = LLMEngine(smollm_int4, EngineConfig(**config, speculative_config=json.dumps(
-        {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 1})))
+    engine = always_propose(LLMEngine(smollm_int4, EngineConfig(**config, speculative_config=json.dumps(
+        {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 1}))))
     assert engine.runner.decode_step is not None
     spec = run(engine, requests)
     assert {k: v.token_ids for k, v in spec.items()} == {k: v.token_ids for k, v in plain.items()}
