@@ -10,6 +10,9 @@
  * bits) are exact in bfloat16, so each half group's dot product runs on `vdpbf16ps` (products of bfloat16 pairs
  * summed in float32) and the scales are applied once per half group, in float32:
  *   out += d_lo (x . q)_lo + d_hi (x . q)_hi + m_lo sum(x)_lo + m_hi sum(x)_hi.
+ * 4- and 5-bit codes become bfloat16 through a table; 6-bit codes, whose unpacking costs more than the memory
+ * they are read from, are made into bfloat16 128 + q by setting the mantissa bits of 128 (no table), and the
+ * offset takes the 128 back: Q6_K's M = -32 D, so the offset of 128 + q is -160 D a, exact in float32.
  *
  * Every output row is computed on its own, by the same sequence of operations whatever the number of rows:
  * blocks of rows only interleave independent chains, and a tile converted once for many rows holds the same
@@ -62,9 +65,9 @@ static void half_sums(const uint16_t *x, int64_t M, int64_t K, float *sums) {
         for (int64_t h = 0; h < K / 16; h++) sums[r * (K / 16) + h] = _mm512_reduce_add_ps(bf16_to_f32(x + r * K + h * 16));
 }
 
-/* bfloat16 of the codes 0 .. 63, exact: the table the codes index. */
-static void code_table(uint16_t table[64]) {
-    for (int i = 0; i < 64; i++) {
+/* bfloat16 of the codes 0 .. 31, exact: the table 4- and 5-bit codes index. */
+static void code_table(uint16_t table[32]) {
+    for (int i = 0; i < 32; i++) {
         float f = (float)i;
         uint32_t bits;
         memcpy(&bits, &f, sizeof bits);
@@ -75,26 +78,28 @@ static void code_table(uint16_t table[64]) {
 /* Chunk c of a group as bfloat16: the codes of input features 2c + i % 2 (`lo`) and 16 + 2c + i % 2 (`hi`) of
  * output feature i / 2, for the 32 lanes i. */
 static inline __attribute__((always_inline)) void unpack_chunk(int bits, const uint8_t *chunk, const uint32_t *high,
-                                                               __m512i t0, __m512i t1, __m512bh *lo, __m512bh *hi) {
+                                                               __m512i table, __m512bh *lo, __m512bh *hi) {
     const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)chunk));
+    if (bits == 6) { /* bfloat16 128 + q: the code in the mantissa of 128 */
+        const __m512i bias = _mm512_set1_epi16(0x4300), b4 = _mm512_set1_epi16(16), b5 = _mm512_set1_epi16(32);
+        __m512i l = _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(0x000F), bias, 0xEA); /* (v & 15) | bias */
+        __m512i h = _mm512_or_si512(_mm512_srli_epi16(v, 4), bias);
+        l = _mm512_mask_add_epi16(l, (__mmask32)high[0], l, b4);
+        h = _mm512_mask_add_epi16(h, (__mmask32)high[1], h, b4);
+        l = _mm512_mask_add_epi16(l, (__mmask32)high[2], l, b5);
+        h = _mm512_mask_add_epi16(h, (__mmask32)high[3], h, b5);
+        *lo = (__m512bh)l;
+        *hi = (__m512bh)h;
+        return;
+    }
     __m512i l = _mm512_and_si512(v, _mm512_set1_epi16(0x000F)), h = _mm512_srli_epi16(v, 4);
-    if (bits >= 5) {
+    if (bits == 5) {
         const __m512i b4 = _mm512_set1_epi16(16);
         l = _mm512_or_si512(l, _mm512_maskz_mov_epi16((__mmask32)high[0], b4));
         h = _mm512_or_si512(h, _mm512_maskz_mov_epi16((__mmask32)high[1], b4));
     }
-    if (bits == 6) {
-        const __m512i b5 = _mm512_set1_epi16(32);
-        l = _mm512_or_si512(l, _mm512_maskz_mov_epi16((__mmask32)high[2], b5));
-        h = _mm512_or_si512(h, _mm512_maskz_mov_epi16((__mmask32)high[3], b5));
-    }
-    if (bits == 6) {
-        *lo = (__m512bh)_mm512_permutex2var_epi16(t0, l, t1);
-        *hi = (__m512bh)_mm512_permutex2var_epi16(t0, h, t1);
-    } else {
-        *lo = (__m512bh)_mm512_permutexvar_epi16(l, t0);
-        *hi = (__m512bh)_mm512_permutexvar_epi16(h, t0);
-    }
+    *lo = (__m512bh)_mm512_permutexvar_epi16(l, table);
+    *hi = (__m512bh)_mm512_permutexvar_epi16(h, table);
 }
 
 /* The four per-feature factors of group g of a tile: scale and offset of its two halves. */
@@ -115,10 +120,12 @@ static inline __attribute__((always_inline)) void group_factors(int kind, int64_
     } else {
         const __m512 a0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sub + g * 32))));
         const __m512 a1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sub + g * 32 + 16))));
+        /* M = -32 D, and the codes come as 128 + q: the offset is -160 D a, exact in float32 (at most 21 bits) */
+        const __m512 M160 = _mm512_mul_ps(D, _mm512_set1_ps(-160.0f));
         *dl = _mm512_mul_ps(D, a0);
         *dh = _mm512_mul_ps(D, a1);
-        *ml = _mm512_mul_ps(Mo, a0);
-        *mh = _mm512_mul_ps(Mo, a1);
+        *ml = _mm512_mul_ps(M160, a0);
+        *mh = _mm512_mul_ps(M160, a1);
     }
 }
 
@@ -127,8 +134,8 @@ static inline __attribute__((always_inline)) void group_factors(int kind, int64_
 static inline __attribute__((always_inline)) void tile_low(int bits, int kind, const uint16_t *x, int64_t K, int R,
                                                            const uint8_t *codes, const uint32_t *high,
                                                            const uint16_t *scales, const uint8_t *sub,
-                                                           const __m512bh *unpacked, const float *sums, __m512i t0,
-                                                           __m512i t1, __m512 *acc) {
+                                                           const __m512bh *unpacked, const float *sums, __m512i table,
+                                                           __m512 *acc) {
     const int64_t G = K / GROUP, planes = bits == 6 ? 4 : 2;
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
@@ -140,7 +147,7 @@ static inline __attribute__((always_inline)) void tile_low(int bits, int kind, c
                 wl = unpacked[(g * 8 + c) * 2];
                 wh = unpacked[(g * 8 + c) * 2 + 1];
             } else {
-                unpack_chunk(bits, codes + (g * 8 + c) * 32, high + (g * 8 + c) * planes, t0, t1, &wl, &wh);
+                unpack_chunk(bits, codes + (g * 8 + c) * 32, high + (g * 8 + c) * planes, table, &wl, &wh);
             }
             for (int r = 0; r < R; r++) {
                 const uint16_t *xr = x + r * K + g * GROUP + 2 * c;
@@ -215,22 +222,22 @@ static inline __attribute__((always_inline)) void run_low(int bits, int kind, co
     {
         /* With more than one block of rows, each tile is converted once, for all of them. */
         __m512bh *unpacked = M > ROWS ? aligned_alloc(64, sizeof(__m512bh) * (size_t)(16 * G)) : NULL;
-        uint16_t values[64];
+        uint16_t values[32];
         code_table(values);
-        const __m512i t0 = _mm512_loadu_si512(values), t1 = _mm512_loadu_si512(values + 32);
+        const __m512i table = _mm512_loadu_si512(values);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {
             const uint8_t *tile = codes + t * G * 256;
             const uint32_t *tile_high = bits >= 5 ? high + t * G * 8 * planes : NULL;
             if (unpacked)
                 for (int64_t i = 0; i < 8 * G; i++)
-                    unpack_chunk(bits, tile + i * 32, tile_high ? tile_high + i * planes : NULL, t0, t1,
+                    unpack_chunk(bits, tile + i * 32, tile_high ? tile_high + i * planes : NULL, table,
                                  &unpacked[2 * i], &unpacked[2 * i + 1]);
             for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
                 const int R = M - r0 < ROWS ? (int)(M - r0) : ROWS;
                 __m512 acc[ROWS];
                 DISPATCH(tile_low(bits, kind, x + r0 * K, K, R_, tile, tile_high, scales + t * U * 32,
-                                  sub ? sub + t * G * 32 : NULL, unpacked, sums + r0 * 2 * G, t0, t1, acc))
+                                  sub ? sub + t * G * 32 : NULL, unpacked, sums + r0 * 2 * G, table, acc))
                 for (int r = 0; r < R; r++) store_row(out, out_float, (r0 + r) * N + t * TILE, acc[r]);
             }
         }
