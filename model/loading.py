@@ -21,6 +21,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.kernels.cpu import packed_linear_kernel
 from model.llama import Llama
+from model.memory import gather_on_huge_pages
 from model.parallel import Shard, check_split, float_partials, shard_packed, shard_tensor
 from model.quant import (
     QUANTIZATIONS,
@@ -188,6 +189,8 @@ def load(source: str | Path | None = None, *, device: torch.device | str = "cpu"
     if pack:
         _quantize(model, {"int4": 4, "int8": 8}.get(quantization), path if path.is_file() else None)
         _float_partials(model)
+        gather_on_huge_pages([m for m in model.modules() if isinstance(m, PackedLinear)],
+                             ("codes", "high", "scales", "sub"))
     if quantization == "auto":
         quantization = "packed" if any(isinstance(m, PackedLinear) for m in model.modules()) else "none"
     return_freed_memory()
