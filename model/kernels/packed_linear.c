@@ -38,6 +38,7 @@
 
 #define TILE 16
 #define GROUP 32
+#define PREFETCH 2048 /* bytes ahead of the codes being read, fetched while a row block computes (M <= ROWS) */
 #define ROWS 6 /* rows per block: the chains of 6 rows stay within the 32 vector registers */
 
 enum { LEGACY = 0, K32 = 1, K16 = 2 };
@@ -141,6 +142,14 @@ static inline __attribute__((always_inline)) void tile_low(int bits, int kind, c
     for (int64_t g = 0; g < G; g++) {
         __m512 lo[ROWS], hi[ROWS];
         for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm512_setzero_ps();
+        if (!unpacked) {
+            const char *ahead = (const char *)(codes + g * 256) + PREFETCH;
+            for (int line = 0; line < 256; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+            if (bits >= 5) {
+                const char *more = (const char *)(high + g * 8 * planes) + PREFETCH / 2;
+                for (int line = 0; line < 8 * planes * 4; line += 64) _mm_prefetch(more + line, _MM_HINT_T0);
+            }
+        }
         for (int c = 0; c < 8; c++) {
             __m512bh wl, wh;
             if (unpacked) {
