@@ -1,4 +1,8 @@
-"""The two small layers of a Llama block: RMSNorm and the SwiGLU feed-forward."""
+"""The two small layers of a Llama block: RMSNorm and the SwiGLU feed-forward.
+
+For bfloat16 activations on the CPU, the norm and SiLU times up run on our C kernels (model/kernels/elementwise.c)
+as ops, `llama3::rms_norm` and `llama3::silu_mul`, in eager mode and inside a compiled step alike, so the two give
+the same bits; elsewhere (float32, CUDA, no kernels) on torch's operators."""
 
 from __future__ import annotations
 
@@ -6,7 +10,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.kernels import cpu as cpu_kernels
 from model.parallel import Shard, all_reduce
+
+
+cpu_kernels.elementwise_kernels()  # built once per machine (cached), loaded here: None where they cannot run
+
+
+def on_cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether x's elementwise work runs on the C kernels: bfloat16 on the CPU, where they could be built."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_kernels.ELEMENTWISE is not None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty_like(x)
+    cpu_kernels.ELEMENTWISE.rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    return out
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate_up = gate_up.contiguous()
+    N, H = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(N, H)
+    cpu_kernels.ELEMENTWISE.silu_mul(gate_up.data_ptr(), out.data_ptr(), N, H)
+    return out
+
+
+# Schema-defined ops (see model/attention.py), opaque to a compiled step, which calls their C entry points.
+_library = torch.library.Library("llama3", "FRAGMENT")
+_library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_library.define("silu_mul(Tensor gate_up) -> Tensor")
+_library.impl("rms_norm", _rms_norm, "CompositeExplicitAutograd")
+_library.impl("silu_mul", _silu_mul, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("llama3::rms_norm")
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("llama3::silu_mul")
+def _(gate_up):
+    return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
 
 
 class RMSNorm(nn.Module):
@@ -17,6 +63,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and cast back before the gain, the order the reference checkpoints were trained with.
+        if on_cpu_kernels(x) and x.dim() == 2 and self.weight.dtype == torch.bfloat16:
+            if torch.compiler.is_compiling():
+                return torch.ops.llama3.rms_norm.default(x, self.weight, self.eps)
+            return _rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -36,9 +86,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate, up = None, None
+            gate_up = self.gate_up_proj(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+            # The kernel takes them side by side: a copy where they are not fused (dense, or in two formats)
+            gate_up = torch.cat([gate, up], dim=-1) if on_cpu_kernels(gate) and gate.dim() == 2 else None
+        if gate_up is not None and on_cpu_kernels(gate_up) and gate_up.dim() == 2:
+            compiling = torch.compiler.is_compiling()
+            act = torch.ops.llama3.silu_mul.default(gate_up) if compiling else _silu_mul(gate_up)
+            return row_parallel(self.down_proj, act, self.split)
+        if gate is None:
+            gate, up = gate_up.chunk(2, dim=-1)
         return row_parallel(self.down_proj, F.silu(gate) * up, self.split)
 
 

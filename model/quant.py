@@ -196,7 +196,10 @@ class PackedLinear(nn.Module):
             q = self.codes[tile].gather(3, lanes[:, None, None, :].expand(n, G, 16, 2))  # [n, G, 16, 2]
             return PackedWeight(8, self.kind, q.reshape(n, -1), d, m, sub).dequantize()
         b = self.codes[tile].gather(3, lanes[:, None, None, :].expand(n, G, 8, 2))      # [n, G, 8 chunks, 2]
-        q = torch.stack([b & 15, b >> 4], dim=2)                                          # [n, G, 2 halves, 8, 2]
+        # Both nibbles by one broadcast shift rather than a stack: compiled with the bit planes below, Inductor's
+        # concatenation gave a layout its own stride check then refused (torch 2.13), and the step ran eagerly.
+        nibbles = torch.arange(0, 8, 4, dtype=torch.uint8, device=b.device)[:, None, None]      # [2, 1, 1]
+        q = (b[:, :, None] >> nibbles) & 15                                               # [n, G, 2 halves, 8, 2]
         for plane, bit in enumerate(range(4, self.bits)):
             masks = self.high[tile][..., 2 * plane:2 * plane + 2].to(torch.int64) & 0xFFFFFFFF  # [n, G, 8, halves]
             bits = (masks[..., None] >> lanes[:, None, None, None, :]) & 1                # [n, G, 8, halves, 2]

@@ -1,9 +1,11 @@
 """C kernels for the CPU, built on first use with the system's C compiler and loaded with ctypes.
 
 Only what torch has no fast kernel for: decode attention (`decode_attention.c`) and linear layers with
-4- and 8-bit weights (`packed_linear.c`). Each shared library is cached under the weight cache directory,
-keyed by its source and the compiler flags, so it is built once per machine. Without a compiler (or without the
-AVX-512 instructions a kernel needs) the functions below return None and callers use torch's own operators.
+4- and 8-bit weights (`packed_linear.c`); and the decode step's elementwise work in bfloat16 (`elementwise.c`:
+RMSNorm, rotary embeddings, SiLU times up), so that eager and compiled steps run the same code. Each shared
+library is cached under the weight cache directory, keyed by its source and the compiler flags, so it is built
+once per machine. Without a compiler (or without the AVX-512 instructions a kernel needs) the functions below
+return None and callers use torch's own operators.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -130,6 +133,33 @@ def packed_linear_kernel():
     return packed_linear
 
 
+# The elementwise kernels once built (elementwise_kernels()): bfloat16 activations on the CPU use them then.
+ELEMENTWISE: types.SimpleNamespace | None = None
+
+
+@functools.cache
+def elementwise_kernels() -> types.SimpleNamespace | None:
+    """`rms_norm`, `silu_mul` and `rope` of elementwise.c (ctypes functions), or None where they cannot run (no
+    compiler, no AVX-512 BF16). Building them sets ELEMENTWISE, which the model's layers check."""
+    global ELEMENTWISE
+    if not _has_avx512_bf16():
+        return None
+    library = _library("elementwise", "norms, rotary embeddings and SiLU run on torch's operators")
+    if library is None:
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    functions = {"rms_norm": ("rms_norm_bf16", [pointer] * 3 + [size] * 2 + [ctypes.c_float]),
+                 "silu_mul": ("silu_mul_bf16", [pointer] * 2 + [size] * 2),
+                 "rope": ("rope_bf16", [pointer, size] + [pointer] * 3 + [size] * 3)}
+    kernels = {}
+    for name, (symbol, argtypes) in functions.items():
+        fn = getattr(library, symbol)
+        fn.restype, fn.argtypes = None, argtypes
+        kernels[name] = fn
+    ELEMENTWISE = types.SimpleNamespace(**kernels)
+    return ELEMENTWISE
+
+
 # The entry points of compiled_ops.c, as Inductor's C++ wrapper declares them: one per op, named after it.
 _COMPILED_OPS = {
     "packed_linear": "AOTITorchError aoti_torch_cpu_packed_linear(AtenTensorHandle x, AtenTensorHandle codes, "
@@ -138,6 +168,11 @@ _COMPILED_OPS = {
     "decode_attention": "AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, "
                         "AtenTensorHandle v, AtenTensorHandle k_cache, AtenTensorHandle v_cache, "
                         "AtenTensorHandle tables, AtenTensorHandle* host, const char* impl, AtenTensorHandle* ret)",
+    "rms_norm": "AOTITorchError aoti_torch_cpu_rms_norm(AtenTensorHandle x, AtenTensorHandle weight, double eps, "
+                "AtenTensorHandle* ret)",
+    "silu_mul": "AOTITorchError aoti_torch_cpu_silu_mul(AtenTensorHandle gate_up, AtenTensorHandle* ret)",
+    "rope": "AOTITorchError aoti_torch_cpu_rope(AtenTensorHandle x, AtenTensorHandle cos, AtenTensorHandle sin, "
+            "AtenTensorHandle* ret)",
 }
 
 
@@ -146,11 +181,12 @@ def compiled_op_entry_points() -> dict | None:
     """{op: [its C declaration]} for Inductor's `aot_inductor.custom_ops_to_c_shims`, with compiled_ops.c (and the
     kernels it calls) loaded so that a compiled step's C++ wrapper finds the functions: the ops then cost a C call
     each instead of a trip through Python. None where the kernels cannot run here."""
-    if decode_attention_kernel(torch.bfloat16) is None or packed_linear_kernel() is None:
+    kernels = decode_attention_kernel(torch.bfloat16), packed_linear_kernel(), elementwise_kernels()
+    if any(kernel is None for kernel in kernels):
         return None
     lib = Path(torch.__file__).resolve().parent / "lib"  # the aoti_torch_* functions are libtorch_cpu's
     library = _library("compiled_ops", "compiled steps call the kernels through Python",
-                       also=("packed_linear", "decode_attention"),
+                       also=("packed_linear", "decode_attention", "elementwise"),
                        link=(f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}"), mode=ctypes.RTLD_GLOBAL)
     if library is None:
         return None

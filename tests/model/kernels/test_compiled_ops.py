@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from model.kernels.cpu import compiled_op_entry_points
+import model.layers  # noqa: F401 - defines the elementwise ops
+import model.rope  # noqa: F401
 from model.quant import PackedLinear, quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.skipif(compiled_op_entry_points() is None,
@@ -21,7 +23,12 @@ def _ops(x, table, q, kv, k_cache, v_cache, host, w4: PackedLinear, w8: PackedLi
                                        True)
     k, v = kv[:, 0], kv[:, 1]  # [B, Hkv, D] views of [B, 2, Hkv, D]
     out = torch.ops.llama3.decode_attention(q * 1, k, v, k_cache, v_cache, table, host, "sdpa")
-    return z, out
+    # the elementwise ops, on a strided slice, a strided row of heads and a fused gate/up output
+    normed = torch.ops.llama3.rms_norm(x[:, ::2], x[0, :256] * 2, 1e-5)
+    rotated = torch.ops.llama3.rope(kv[:, 0], table[:, :1].float().expand(-1, 32) * 0.1,
+                                    table[:, :1].float().expand(-1, 32) * 0.2)
+    act = torch.ops.llama3.silu_mul(torch.cat([y, y * 2], dim=1))
+    return z, out, normed, rotated, act
 
 
 def test_compiled_graph_calls_the_entry_points_and_matches_the_ops(tmp_path, monkeypatch):
@@ -50,4 +57,5 @@ def test_compiled_graph_calls_the_entry_points_and_matches_the_ops(tmp_path, mon
         assert torch.equal(e, g)
     assert torch.equal(eager_inputs[4], compiled_inputs[4]) and torch.equal(eager_inputs[5], compiled_inputs[5])
     generated = "".join(p.read_text() for p in tmp_path.rglob("*.cpp"))
-    assert "aoti_torch_cpu_packed_linear(" in generated and "aoti_torch_cpu_decode_attention(" in generated
+    for op in ("packed_linear", "decode_attention", "rms_norm", "rope", "silu_mul"):
+        assert f"aoti_torch_cpu_{op}(" in generated, op
