@@ -62,8 +62,11 @@ class CompiledDecode(DecodeStep):
         if not beside and _compiled_for() is not model:
             torch._dynamo.reset()
             _compiled_for = weakref.ref(model)
+        # Inductor would otherwise build and load a probe library for each vector ISA /proc/cpuinfo lists before
+        # its first compile (6 of a cold start's 23 s on a 1B model); the flags are trusted instead, and a build
+        # they break fails like any other: the step then runs eagerly, with the same results.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True,
-                   "cpp_wrapper_build_separate": True}
+                   "cpp_wrapper_build_separate": True, "cpp.vec_isa_ok": True}
         # The wrapper calls the packed-linear and attention kernels as C functions (compiled_ops.c) rather than
         # through the dispatcher and Python: about 150 calls a step on the default model.
         entry_points = compiled_op_entry_points()
