@@ -14,14 +14,17 @@ import argparse
 import random
 import time
 
-from model.loading import load
-from server.engine.config import EngineConfig
-from server.engine.grammar import GrammarCompiler
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.openai.constraints import json_schema_spec
-from server.openai.tool_calls import tool_spec
-from server.worker.decode.compiled import use_persistent_compile_cache
+from model.paths import use_persistent_compile_cache
+
+use_persistent_compile_cache()  # before anything imports Inductor, which points the cache at /tmp
+
+from model.loading import load  # noqa: E402
+from server.engine.config import EngineConfig  # noqa: E402
+from server.engine.grammar import GrammarCompiler  # noqa: E402
+from server.engine.llm_engine import LLMEngine  # noqa: E402
+from server.engine.sampling_params import SamplingParams  # noqa: E402
+from server.openai.constraints import json_schema_spec  # noqa: E402
+from server.openai.tool_calls import tool_spec  # noqa: E402
 
 
 def twenty_tools() -> list[dict]:
@@ -79,7 +82,6 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     args = parser.parse_args()
-    use_persistent_compile_cache()
 
     config = EngineConfig(max_num_seqs=max(args.concurrency), max_model_len=args.prompt_len + args.output_len + 1)
     loaded = load(config.model, dtype=config.torch_dtype, max_seq_len=config.max_model_len,

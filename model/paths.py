@@ -15,6 +15,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "llama3-server")
 
 
+def use_persistent_compile_cache() -> None:
+    """Keep Inductor's cache beside the weight cache rather than in /tmp, so that a restart skips the compiler.
+    Call before anything imports torch._inductor (its config sets the variable to /tmp on import); a
+    TORCHINDUCTOR_CACHE_DIR the user set wins."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
+
+
 def installed_file(distribution: str, filename: str, install: str) -> Path:
     """The file named `filename` in an installed distribution, read from its RECORD; `install` is the pip command
     that the error message suggests."""

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 
+from model.paths import use_persistent_compile_cache
 from server.cli import resolve_settings
 from server.engine.config import EngineConfig
 
@@ -49,13 +50,12 @@ def build_engine(config: EngineConfig, on_fatal=None):
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_persistent_compile_cache()  # first: importing the app imports Inductor
     import uvicorn
 
     from server.openai.app import ServerState, create_app
-    from server.worker.decode.compiled import use_persistent_compile_cache
 
     engine_config, server = resolve_settings(argv)
-    use_persistent_compile_cache()
     logging.basicConfig(level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("LLAMA3_LOG_LEVEL", server.log_level.upper())  # for tensor-parallel workers
     from server.worker.parallel import launched_by_torchrun, torchrun_worker

@@ -3,6 +3,7 @@ stated once and shown by --help; presets set the same fields and are checked aga
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,14 @@ def test_a_model_that_cannot_be_served_exits_non_zero_naming_the_file(tmp_path):
         assert time.monotonic() - start < 60
         last = done.stderr.strip().splitlines()[-1]
         assert words in last and str(path.parent) in last, (path, last)
+
+
+def test_the_compile_cache_lives_beside_the_weight_cache(tmp_path):
+    """Inductor points its cache at /tmp when first imported, which the server's imports do: the server must claim
+    the variable before them, or every restart (and every container) compiles the decode step again."""
+    code = ("import atexit, os; atexit.register(lambda: print(os.environ['TORCHINDUCTOR_CACHE_DIR']));"
+            "from server.__main__ import main; main(['--help'])")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["LLAMA3_SERVER_CACHE"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "inductor"), out.stderr[-2000:]

@@ -21,7 +21,6 @@ import torch
 from model.kernels.cpu import compiled_op_entry_points
 from model.kv_cache import KVCache
 from model.llama import Llama
-from model.paths import default_cache_dir
 from server.worker.decode.step import DecodeStep, decode_table
 
 log = logging.getLogger(__name__)
@@ -31,12 +30,6 @@ log = logging.getLogger(__name__)
 # the same either way but for calling them (a graph cached with them loads only where compiled_ops.c built).
 if "aot_inductor.custom_ops_to_c_shims" not in torch._inductor.config._cache_config_ignore_prefix:
     torch._inductor.config._cache_config_ignore_prefix.append("aot_inductor.custom_ops_to_c_shims")
-
-
-def use_persistent_compile_cache() -> None:
-    """Keep Inductor's cache beside the weight cache rather than in /tmp, so that a restart skips the compiler.
-    Call before anything compiles; a TORCHINDUCTOR_CACHE_DIR the user set wins."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "inductor"))
 
 
 _compiled_for: Callable[[], Llama | None] = lambda: None  # the model Dynamo's state was last built for
