@@ -61,6 +61,7 @@ def main() -> None:
     loaded = load(config.model, device=config.device, dtype=config.torch_dtype, max_seq_len=config.max_model_len,
                   quantization=config.quantization)
     engine = LLMEngine(loaded, config)
+    engine.runner.wait_compiled()  # timed on the compiled step, not beside its compiler
     print(f"{loaded.source} ({config.torch_dtype}, quantization {loaded.quantization}, "
           f"{'eager' if engine.runner.decode_step is None else 'compiled decode'}), "
           f"prompt {args.prompt_len}, output {args.output_len} tokens")

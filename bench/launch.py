@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 
@@ -21,6 +22,20 @@ def wait_healthy(url: str, server: subprocess.Popen, seconds: float) -> None:
                 return
         except httpx.HTTPError:
             pass
+        time.sleep(0.5)
+
+
+def wait_compiled(log: Path, server: subprocess.Popen, seconds: float) -> None:
+    """Return once a server that compiles its decode step in the background has finished (or given up), as its
+    log (INFO level) says; at once for a server that compiled before serving, or never compiles."""
+    deadline = time.monotonic() + seconds
+    while "compiling the decode step in the background" in (text := log.read_text()):
+        if "decode step compiled" in text or "decode step not compiled" in text:
+            return
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode} while compiling")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the decode step did not compile within {seconds:.0f} s")
         time.sleep(0.5)
 
 

@@ -55,6 +55,9 @@ class EngineConfig:
                                "weights; int4, int8: also quantise float weights at load (CPU; the output head to 8 "
                                "bits at most)", choices=QUANTIZATIONS)
     enforce_eager: bool = option(False, "run the decode step eagerly instead of compiling it")
+    compile_in_background: bool = option(True, "serve as soon as the model is loaded, decoding eagerly while the "
+                                         "decode step compiles (CPU; the same outputs bit for bit); with "
+                                         "speculation or tensor parallelism it compiles before serving")
     max_model_len: int = option(2048, "tokens per sequence, prompt and output; a limit, not a reservation: the KV "
                                 "cache is sized by --kv-cache-memory")
     max_num_seqs: int = option(32, "sequences decoding at once")

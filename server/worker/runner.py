@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -32,7 +33,9 @@ class ModelRunner:
 
     def __init__(self, model: Llama, num_slots: int, num_blocks: int, block_size: int, max_model_len: int,
                  device: torch.device | str, compile_decode: bool = False, seed: int | None = None,
-                 parallel=None):
+                 parallel=None, background: bool = False):
+        """`background`: compile the decode step on a thread of its own while steps run eagerly (CPU only: the
+        compiled step gives the same bits as the eager one, so no output depends on when it took over)."""
         self.model = model
         self.parallel = parallel
         self.draft: DraftProposer | None = None  # a draft model proposing speculative tokens before each step
@@ -44,9 +47,25 @@ class ModelRunner:
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %s, %.1f MiB", num_blocks, block_size,
                  self.cache.num_tokens, dtype, self.cache.nbytes / 2**20)
         self.decode_step = None
-        if compile_decode:
-            self.decode_step = prepared_decode_step(model, self.cache, num_slots, max_model_len, self.device)
-            return_freed_memory()  # what compiling freed (its graphs and buffers) back to the OS
+        self.compiling: threading.Thread | None = None
+        if compile_decode and background and self.device.type == "cpu":
+            self.compiling = threading.Thread(target=self._prepare_decode_step, args=(num_slots,),
+                                              name="compile-decode", daemon=True)
+            self.compiling.start()
+            log.info("compiling the decode step in the background; decoding eagerly (the same outputs) until then")
+        elif compile_decode:
+            self._prepare_decode_step(num_slots)
+
+    def _prepare_decode_step(self, num_slots: int) -> None:
+        step = prepared_decode_step(self.model, self.cache, num_slots, self.max_model_len, self.device)
+        return_freed_memory()  # what compiling freed (its graphs and buffers) back to the OS
+        self.decode_step = step  # read once per step by forward(): the next step's decode rows run compiled
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for a decode step compiling in the background; whether the runner has a compiled step."""
+        if self.compiling is not None:
+            self.compiling.join(timeout)
+        return self.decode_step is not None
 
     @classmethod
     def from_config(cls, model: Llama, config: EngineConfig, parallel=None, shard: Shard = Shard(),
@@ -54,8 +73,13 @@ class ModelRunner:
         """The runner the flags describe: the KV cache sized by them (the same block count on every rank, and in a
         draft model's cache)."""
         num_blocks, max_model_len = cache_layout(config, model, shard, draft_model)
+        # Speculation's budget times the compiled step, a draft's step is compiled beside it and a split model's
+        # ranks must agree: those compile before serving.
+        background = (config.compile_in_background and config.speculation is None
+                      and config.tensor_parallel_size == 1)
         runner = cls(model, config.max_num_seqs, num_blocks, config.block_size, max_model_len, config.device,
-                     compile_decode=not config.enforce_eager, seed=config.seed, parallel=parallel)
+                     compile_decode=not config.enforce_eager, seed=config.seed, parallel=parallel,
+                     background=background)
         if draft_model is not None:  # after the target's decode step, beside which the draft's is prepared
             runner.draft = DraftProposer(draft_model, num_blocks, config.block_size, config.max_num_seqs,
                                          max_model_len, config.max_num_batched_tokens, torch.device(config.device),
@@ -100,7 +124,8 @@ class ModelRunner:
 
     def forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """Logits of the chunks' rows that need them, in chunk order (every rank of a split model runs this)."""
-        if self.decode_step is None:
+        step = self.decode_step  # once: a step compiled in the background may arrive during this one
+        if step is None:
             logits = self.model(ForwardBatch.build(chunks, self.device, self.cache.block_size), self.cache)
         else:
             # Decode rows always run the compiled step, with or without prompt chunks beside them (which run
@@ -110,8 +135,8 @@ class ModelRunner:
             if num_decode:
                 self._check_positions(chunks)
                 decode = chunks[:num_decode]
-                parts.append(self.decode_step.run([c.token_ids[0] for c in decode], [c.start for c in decode],
-                                                  [c.blocks for c in decode]))  # [B, vocab]
+                parts.append(step.run([c.token_ids[0] for c in decode], [c.start for c in decode],
+                                      [c.blocks for c in decode]))  # [B, vocab]
             if num_decode < len(chunks):
                 prompt = ForwardBatch.build(chunks[num_decode:], self.device, self.cache.block_size)
                 parts.append(self.model(prompt, self.cache))  # [M - B, vocab]

@@ -4,6 +4,7 @@ captured as CUDA graphs on CUDA (graphs.py)."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -19,18 +20,23 @@ from server.worker.decode.step import DecodeStep
 log = logging.getLogger(__name__)
 
 
+# Dynamo's state is the process's: one step is prepared at a time (a runner's may compile on a thread of its own).
+_preparing = threading.Lock()
+
+
 def prepared_decode_step(model: Llama, cache: KVCache, max_batch: int, max_model_len: int,
                          device: torch.device, beside: bool = False) -> DecodeStep | None:
     """The device's decode step, prepared; None (decode eagerly) where there is none or preparing it failed.
     `beside`: prepared after another step that stays in use (a draft model's, after the target's)."""
-    if device.type == "cuda":
-        step = CapturedDecode(model, cache, max_batch, max_model_len, device)
-    elif device.type == "cpu":
-        step = CompiledDecode(model, cache, max_batch, device, beside=beside)
-    else:
-        log.info("no prepared decode step on %s; decoding eagerly", device)
-        return None
-    return step if step.prepare() else None
+    with _preparing:
+        if device.type == "cuda":
+            step = CapturedDecode(model, cache, max_batch, max_model_len, device)
+        elif device.type == "cpu":
+            step = CompiledDecode(model, cache, max_batch, device, beside=beside)
+        else:
+            log.info("no prepared decode step on %s; decoding eagerly", device)
+            return None
+        return step if step.prepare() else None
 
 
 def decode_rows(model: Llama, cache: KVCache, step: DecodeStep | None, rows: list[tuple[int, int, tuple[int, ...]]],
