@@ -7,12 +7,14 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
 from model.paths import use_persistent_compile_cache
 from server.cli import resolve_settings
 from server.engine.config import EngineConfig
+from server.worker import COMPILE_THREAD
 
 log = logging.getLogger("server")
 
@@ -85,10 +87,22 @@ def main(argv: list[str] | None = None) -> None:
         holder[0].run()
     except KeyboardInterrupt:  # Ctrl-C after uvicorn's own graceful shutdown: nothing left to report
         pass
+    message = None
     if state.load_error is not None:  # a server that can never serve exits, so that its supervisor sees it
-        raise SystemExit(f"cannot serve: {state.load_error}")
-    if state.failure is not None:
-        raise SystemExit(f"cannot serve: {state.failure}")
+        message = f"cannot serve: {state.load_error}"
+    elif state.failure is not None:
+        message = f"cannot serve: {state.failure}"
+    if any(t.name == COMPILE_THREAD and t.is_alive() for t in threading.enumerate()):
+        # A decode step still compiling on its thread: finalising the interpreter under Inductor aborts (SIGABRT),
+        # so the process ends here, its output flushed, with the exit status a finished shutdown would give.
+        if message is not None:
+            print(message, file=sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if message is None else 1)
+    if message is not None:
+        raise SystemExit(message)
 
 
 def draining_server():

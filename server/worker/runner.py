@@ -17,6 +17,7 @@ from server.engine.output import TokenLogprob
 from server.engine.scheduler import ScheduledBatch
 from server.engine.sequence import Sequence
 from server.engine.speculation import accepted_length
+from server.worker import COMPILE_THREAD
 from server.worker.cache_budget import cache_layout
 from server.worker.decode import decode_rows, prepared_decode_step, time_decode_rows
 from server.worker.draft import DraftProposer
@@ -50,7 +51,7 @@ class ModelRunner:
         self.compiling: threading.Thread | None = None
         if compile_decode and background and self.device.type == "cpu":
             self.compiling = threading.Thread(target=self._prepare_decode_step, args=(num_slots,),
-                                              name="compile-decode", daemon=True)
+                                              name=COMPILE_THREAD, daemon=True)
             self.compiling.start()
             log.info("compiling the decode step in the background; decoding eagerly (the same outputs) until then")
         elif compile_decode:

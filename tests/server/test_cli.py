@@ -127,3 +127,27 @@ def test_the_compile_cache_lives_beside_the_weight_cache(tmp_path):
     env["LLAMA3_SERVER_CACHE"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "inductor"), out.stderr[-2000:]
+
+
+def test_sigterm_while_the_decode_step_compiles_in_the_background_exits_cleanly(tmp_path):
+    """Healthy once loaded, the server is stopped while its step still compiles (an empty compile cache): it exits 0,
+    not killed by the interpreter's finalisation under a compiling thread (it used to abort: SIGABRT)."""
+    import signal
+    import time
+
+    from bench.launch import stop, wait_healthy
+    from tests.server.conftest import free_port
+
+    port, log = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--max-num-seqs", "2"], cwd=ROOT,
+                              env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", server, 240)
+        time.sleep(3)  # into the compiler's C++ work (SIGTERM at once, still in Dynamo's Python, exited cleanly)
+        assert "decode step compiled" not in log.read_text()  # still compiling
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        stop(server)
+    assert "compiling the decode step in the background" in log.read_text()
