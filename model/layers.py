@@ -85,20 +85,19 @@ class MLP(nn.Module):
         self.gate_up_proj = None  # gate and up fused into one packed layer, when they are packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = on_cpu_kernels(x) and x.dim() == 2  # gate and up come out in x's dtype
         if self.gate_up_proj is not None:
-            gate, up = None, None
             gate_up = self.gate_up_proj(x)
+        elif kernel:  # the kernel takes gate and up side by side: a copy where they are not fused
+            gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-            # The kernel takes them side by side: a copy where they are not fused (dense, or in two formats)
-            gate_up = torch.cat([gate, up], dim=-1) if on_cpu_kernels(gate) and gate.dim() == 2 else None
-        if gate_up is not None and on_cpu_kernels(gate_up) and gate_up.dim() == 2:
-            compiling = torch.compiler.is_compiling()
-            act = torch.ops.llama3.silu_mul.default(gate_up) if compiling else _silu_mul(gate_up)
-            return row_parallel(self.down_proj, act, self.split)
-        if gate is None:
+            return row_parallel(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), self.split)
+        if kernel:
+            act = torch.ops.llama3.silu_mul.default(gate_up) if torch.compiler.is_compiling() else _silu_mul(gate_up)
+        else:
             gate, up = gate_up.chunk(2, dim=-1)
-        return row_parallel(self.down_proj, F.silu(gate) * up, self.split)
+            act = F.silu(gate) * up
+        return row_parallel(self.down_proj, act, self.split)
 
 
 def row_parallel(layer: nn.Module, x: torch.Tensor, split: bool) -> torch.Tensor:
