@@ -6,7 +6,6 @@ a checkpoint never sits in memory twice.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import time
@@ -21,7 +20,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.kernels.cpu import packed_linear_kernel
 from model.llama import Llama
-from model.memory import gather_on_huge_pages
+from model.memory import gather_on_huge_pages, trim_heap
 from model.parallel import Shard, check_split, float_partials, shard_packed, shard_tensor
 from model.quant import (
     QUANTIZATIONS,
@@ -36,6 +35,10 @@ if TYPE_CHECKING:
     from model.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Bytes of temporaries freed between two trims of the heap while loading (model/memory.trim_heap): each trim costs
+# a few milliseconds and the pages it returns are faulted in again by the next tensors.
+TRIM_EVERY = 256 << 20
 
 # Tensors some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -68,7 +71,7 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
     with torch.device("meta"):
         model = Llama(config, max_seq_len=max_seq_len, shard=shard)
     expected = dict(model.named_parameters())  # a tied head is not listed twice
-    seen = set()
+    seen, unpacked = set(), 0
     for name, weight in packed:
         weight = shard_packed(name, weight, config, shard)
         if name not in expected or tuple(weight.codes.shape) != tuple(expected[name].shape):
@@ -84,6 +87,11 @@ def build_model(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]]
             grand, _, leaf = parent.rpartition(".")
             setattr(model.get_submodule(grand) if grand else model, leaf, module)
         seen.add(name)
+        unpacked += weight.codes.nbytes
+        del weight
+        if unpacked > TRIM_EVERY:  # the unpacked codes freed go back to the OS: else loading peaks far above them
+            trim_heap()
+            unpacked = 0
     for name, tensor in tensors:
         if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
@@ -199,13 +207,10 @@ def load(source: str | Path | None = None, *, device: torch.device | str = "cpu"
 
 
 def return_freed_memory() -> None:
-    """Hand the C heap's freed pages back to the OS: glibc keeps what loading freed (about 0.4 GB of temporaries
-    after packing a 1B model), and the process's resident memory would stay that much above its weights."""
+    """Hand what was freed back to the OS: glibc keeps freed heap pages (after compiling, say), and the process's
+    resident memory would stay that much above what it uses."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim_heap()
 
 
 def _names(model: nn.Module, *modules: nn.Module) -> list[str]:
@@ -229,6 +234,7 @@ def _quantize(model: Llama, bits: int | None, gguf_path: Path | None) -> None:
             attention.qkv_proj = fuse([attention.q_proj, attention.k_proj, attention.v_proj])
         if all(name in done for name in _names(model, mlp.gate_proj, mlp.up_proj)):
             mlp.gate_up_proj = fuse([mlp.gate_proj, mlp.up_proj])
+        trim_heap()  # what fusing copied from
     kinds: dict[str, int] = {}
     for how in done.values():
         kinds[how] = kinds.get(how, 0) + 1

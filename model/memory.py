@@ -41,30 +41,52 @@ def huge_page_buffer(nbytes: int) -> tuple[torch.Tensor, bool]:
     return buffer, nbytes > 0 and _advise_huge(buffer.data_ptr(), nbytes)
 
 
-def gather_on_huge_pages(modules: Iterable[nn.Module], names: tuple[str, ...]) -> int:
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc keeps what was freed, so resident memory would stay at
+    its highest point); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def gather_on_huge_pages(modules: Iterable[nn.Module], names: tuple[str, ...], trim_every: int = 64 << 20) -> int:
     """Move the buffers `names` of `modules` into one huge-page arena, keeping which of them share storage (views
-    stay views of the same bytes). Returns the arena's size in bytes (0 when there was nothing to move)."""
-    holders = [(m, n) for m in modules for n in names if getattr(m, n, None) is not None and getattr(m, n).numel()]
-    storages: dict[int, torch.UntypedStorage] = {}
-    for module, name in holders:
-        storage = getattr(module, name).untyped_storage()
-        storages.setdefault(storage.data_ptr(), storage)
+    stay views of the same bytes). Returns the arena's size in bytes (0 when there was nothing to move).
+
+    Each storage is let go as soon as it is copied, and the heap trimmed every `trim_every` bytes, so the move
+    needs little more memory than the weights themselves (copying all before letting go needed twice that)."""
+    by_storage: dict[int, list[tuple[nn.Module, str]]] = {}
+    sizes: dict[int, int] = {}
+    for module in modules:
+        for name in names:
+            tensor = getattr(module, name, None)
+            if tensor is not None and tensor.numel():
+                storage = tensor.untyped_storage()
+                by_storage.setdefault(storage.data_ptr(), []).append((module, name))
+                sizes[storage.data_ptr()] = storage.nbytes()
     offsets, total = {}, 0
-    for ptr, storage in storages.items():
+    for ptr, size in sizes.items():
         offsets[ptr] = total
-        total += -(-storage.nbytes() // ALIGN) * ALIGN
+        total += -(-size // ALIGN) * ALIGN
     if not total:
         return 0
     arena, advised = huge_page_buffer(total)
-    for ptr, storage in storages.items():
-        arena[offsets[ptr]:offsets[ptr] + storage.nbytes()].copy_(torch.tensor([], dtype=torch.uint8).set_(storage))
-    for module, name in holders:
-        old = getattr(module, name)
-        base = arena[offsets[old.untyped_storage().data_ptr()]:]
-        element = old.element_size()
-        new = torch.tensor([], dtype=old.dtype).set_(base.untyped_storage(), base.storage_offset() // element
-                                                     + old.storage_offset(), old.size(), old.stride())
-        setattr(module, name, new)
+    moved = 0
+    for ptr, holders in by_storage.items():
+        storage = getattr(*holders[0]).untyped_storage()
+        base = arena[offsets[ptr]:offsets[ptr] + sizes[ptr]]
+        base.copy_(torch.tensor([], dtype=torch.uint8).set_(storage))
+        for module, name in holders:
+            old = getattr(module, name)
+            start = base.storage_offset() // old.element_size() + old.storage_offset()
+            setattr(module, name, torch.tensor([], dtype=old.dtype).set_(base.untyped_storage(), start, old.size(),
+                                                                         old.stride()))
+        del storage, old
+        moved += sizes[ptr]
+        if moved >= trim_every:
+            trim_heap()
+            moved = 0
     if not advised:
         log.info("weights are not on huge pages (madvise refused; transparent huge pages may be off)")
     return total

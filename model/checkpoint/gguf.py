@@ -286,6 +286,7 @@ def gguf_packed_weights(path: str | PathLike) -> Iterator[tuple[str, PackedWeigh
         if rotary_heads is not None:
             weight = weight.rows(_unpermute_rotary(torch.arange(weight.codes.shape[0])[:, None], rotary_heads)[:, 0])
         yield hf_name, weight
+        del weight  # before the next is decoded: the caller may have let go of its own reference
 
 
 def gguf_tensor_types(path: str | PathLike) -> dict[str, str]:
