@@ -71,7 +71,10 @@ def test_packing_keeps_every_weight_exactly(packed_tensor):
 
 def test_resident_bytes_are_near_the_file_bytes(packed_tensor):
     raw, qtype, _ = packed_tensor
-    assert PackedLinear.from_weight(decode(raw, qtype)).nbytes <= 1.15 * raw.nbytes
+    nbytes = PackedLinear.from_weight(decode(raw, qtype)).nbytes
+    assert nbytes <= 1.15 * raw.nbytes
+    if qtype in (Q.Q8_0, Q.Q6_K):  # their offsets follow from the scales (none; -32 D): not stored, as in the file
+        assert nbytes == raw.nbytes
 
 
 @needs_kernel
