@@ -12,8 +12,9 @@ Then, per file and round, our server and llama-server are started in turn (alter
 affects both alike) and driven over HTTP by our load client (`python -m server.bench`): 128-token prompts, 128
 output tokens (ignore_eos, greedy), streamed, at 1, 4 and 16 concurrent requests, ours once its decode step has
 compiled (it serves eagerly before). One table comes out: output tok/s at each level, TTFT p50 at 16, when each
-answered /health and (ours) finished compiling, and resident memory (RSS then). For ours the weights' share of it
-is the RSS against a model-less baseline (the same process's imports, no model) over the file's tensor bytes.
+answered /health and (ours) finished compiling, and resident memory: RSS once compiled and its peak (VmHWM, load
+included). For ours the weights' share is the RSS against a model-less baseline (the same process's imports, no
+model) over the file's tensor bytes, at the first /health 200 (loaded, compiling beside) and once compiled.
 Beside the one-stream figures: tok/s x bytes read per token / measured bandwidth, how close one stream comes to
 reading the whole file once per token at this machine's memory bandwidth (a `--bandwidth` in GB/s, default 28).
 """
@@ -93,12 +94,12 @@ def tensor_bytes(path: Path) -> int:
     return sum(t.nbytes for t in GGUFFile(path).tensors.values())
 
 
-def rss(pid: int) -> int:
-    """Resident bytes of a process and its children (llama-server.sh execs, so the pid is the server's)."""
+def rss(pid: int, key: str = "VmRSS") -> int:
+    """Resident bytes of a process (llama-server.sh execs, so the pid is the server's); `key` VmHWM: its peak."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+    raise RuntimeError(f"no {key} for {pid}")
 
 
 def baseline_rss(python: str) -> int:
@@ -138,14 +139,15 @@ def race_one(label: str, path: Path | None, rounds: int, results: Path, python: 
             try:
                 wait_healthy(f"http://127.0.0.1:{port}", server, 1200)
                 ready = time.monotonic() - start
+                resident_ready = rss(server.pid)  # ours: loaded, compiling in the background
                 wait_compiled(log, server, 1200)  # ours serves while compiling: raced once compiled
                 compiled = time.monotonic() - start
-                resident = rss(server.pid)
+                resident, peak = rss(server.pid), rss(server.pid, "VmHWM")
                 summary = load_test(port, results / f"{label}-{name}-{round_}.json", python)
             finally:
                 stop(server)
             rows.append({"file": label, "server": name, "round": round_, "ready_s": ready, "compiled_s": compiled,
-                         "rss": resident, "summary": summary})
+                         "rss": resident, "rss_ready": resident_ready, "peak": peak, "summary": summary})
             print(f"  {label} {name} round {round_}: ready {ready:.0f} s, compiled {compiled:.0f} s, " + ", ".join(
                 f"{c}: {summary[c]['output_token_throughput']:.1f} tok/s" for c in LEVELS), flush=True)
     return rows
@@ -179,7 +181,8 @@ def main() -> None:
 
     print()
     print(f"{'file':<14} {'MB':>6} {'server':<13} " + " ".join(f"{f'{c} tok/s':>9}" for c in LEVELS)
-          + f" {'x bw':>5} {'TTFT16':>7} {'ready s':>7} {'compiled s':>10} {'RSS MB':>7} {'weights/file':>12}")
+          + f" {'x bw':>5} {'TTFT16':>7} {'ready s':>7} {'compiled s':>10} {'RSS MB':>7} {'peak MB':>7}"
+          + f" {'weights/file ready, compiled':>28}")
     for label, path in files.items():
         nbytes = tensor_bytes(path or default_gguf_path())
         rates = {}
@@ -187,12 +190,14 @@ def main() -> None:
             runs = [r for r in rows if r["file"] == label and r["server"] == name]
             rate = rates[name] = {c: mean(r["summary"][c]["output_token_throughput"] for r in runs) for c in LEVELS}
             ttft = mean(r["summary"][16]["ttft_ms"]["median"] for r in runs)
-            resident = max(r["rss"] for r in runs)
-            share = f"{(resident - baseline) / nbytes:>12.2f}" if name == "ours" else f"{'':>12}"
+            resident, peak = max(r["rss"] for r in runs), max(r["peak"] for r in runs)
+            at_ready = max(r["rss_ready"] for r in runs)
+            share = (f"{(at_ready - baseline) / nbytes:>22.2f}, {(resident - baseline) / nbytes:.2f}"
+                     if name == "ours" else "")
             print(f"{label:<14} {nbytes / 1e6:>6.0f} {name:<13} " + " ".join(f"{rate[c]:>9.1f}" for c in LEVELS)
                   + f" {rate[1] * nbytes / (args.bandwidth * 1e9):>5.2f} {ttft:>7.0f}"
                   + f" {mean(r['ready_s'] for r in runs):>7.0f} {mean(r['compiled_s'] for r in runs):>10.0f}"
-                  + f" {resident / 1e6:>7.0f} {share}")
+                  + f" {resident / 1e6:>7.0f} {peak / 1e6:>7.0f} {share}")
         ratio = ", ".join(f"{c}: {rates['ours'][c] / rates['llama-server'][c]:.2f}x" for c in LEVELS)
         print(f"{'':<14} {'':>6} ours / llama-server: {ratio}")
 
