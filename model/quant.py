@@ -157,11 +157,15 @@ class PackedLinear(nn.Module):
         self.register_buffer("sub", sub)        # [T, G, 2, 16] uint8 sub-scales (K kinds), else empty
 
     @classmethod
-    def from_weight(cls, w: PackedWeight, out_float: bool = False) -> PackedLinear:
+    def from_weight(cls, w: PackedWeight, out_float: bool = False, chunk: int = 4096) -> PackedLinear:
         N, K = w.codes.shape
         if not packable(N, K) or (not per_group(w.kind) and K % SUPER):
             raise ValueError(f"a packed weight needs N divisible by {TILE} and K by {GROUP_SIZE} "
                              f"({SUPER} for K-quants); got {N} x {K}")
+        if N > chunk:  # whole tiles, `chunk` rows at a time: packing takes temporaries several times the codes
+            parts = [cls.from_weight(w.row_range(i, min(i + chunk, N)), out_float, chunk) for i in range(0, N, chunk)]
+            names = ("codes", "high", "scales", "sub")
+            return cls(w.bits, w.kind, *(torch.cat([getattr(p, n) for p in parts]) for n in names), K, N, out_float)
         T, G = N // TILE, K // GROUP_SIZE
         implied = implied_offset(w.bits, w.kind, w.d.to(torch.float16))
         if implied is not None and not torch.equal(w.m.to(torch.float16), implied):

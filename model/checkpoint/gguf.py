@@ -205,6 +205,7 @@ def _dequantize(file: GGUFFile, info: GGUFTensorInfo) -> torch.Tensor:
     values = gguf.quants.dequantize(file.tensor_bytes(info), info.qtype)  # float32 [*info.shape]
     if not values.flags.writeable:  # F32 comes back as a view of the read-only file map
         values = values.copy()
+    file.release(info)
     return torch.from_numpy(values)
 
 
@@ -283,6 +284,7 @@ def gguf_packed_weights(path: str | PathLike) -> Iterator[tuple[str, PackedWeigh
             continue
         info = file.tensors[name]
         weight = decode(file.tensor_bytes(info), info.qtype)
+        file.release(info)
         if rotary_heads is not None:
             weight = weight.rows(_unpermute_rotary(torch.arange(weight.codes.shape[0])[:, None], rotary_heads)[:, 0])
         yield hf_name, weight

@@ -8,6 +8,7 @@ GGUF v2/v3 files are read, which is what llama.cpp writes.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from os import PathLike
@@ -143,3 +144,15 @@ class GGUFFile:
                              f"the {info.type_name} block size {block}")
         raw = self._data[info.offset:info.offset + info.nbytes].view(np.ndarray)
         return raw.reshape(*info.shape[:-1], info.shape[-1] // block * type_size)
+
+    def release(self, info: GGUFTensorInfo) -> None:
+        """Drop a tensor's pages from this process's map of the file once it is read: they stay in the page cache
+        (a later read faults them back), but the process's resident memory no longer grows by the whole file
+        while its tensors are read one by one."""
+        map_ = getattr(self._data, "_mmap", None)
+        if map_ is None or not hasattr(map_, "madvise"):
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE
+        end = min(info.offset + info.nbytes, len(self._data))
+        if end > start:
+            map_.madvise(mmap.MADV_DONTNEED, start, end - start)

@@ -69,6 +69,21 @@ def test_packing_keeps_every_weight_exactly(packed_tensor):
     assert torch.equal(layer.rows(rows), reference[rows])  # an embedding's lookup, from the tiles
 
 
+def test_decoding_and_packing_by_chunks_of_rows_give_the_same_buffers(packed_tensor):
+    """Large tensors are decoded and packed a few thousand rows at a time (to bound load's temporaries); chunks
+    of 16 rows here, against the tensor at once."""
+    raw, qtype, reference = packed_tensor
+    whole, chunked = decode(raw, qtype), decode(raw, qtype, chunk=16)
+    for name in ("codes", "d", "m", "sub"):
+        assert (getattr(whole, name) is None) == (getattr(chunked, name) is None), name
+        if getattr(whole, name) is not None:
+            assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+    layer, by_tiles = PackedLinear.from_weight(whole), PackedLinear.from_weight(chunked, chunk=16)
+    for name in ("codes", "high", "scales", "sub"):
+        assert torch.equal(getattr(layer, name), getattr(by_tiles, name)), name
+    assert torch.equal(by_tiles.dequantize(), reference)
+
+
 def test_resident_bytes_are_near_the_file_bytes(packed_tensor):
     raw, qtype, _ = packed_tensor
     nbytes = PackedLinear.from_weight(decode(raw, qtype)).nbytes
