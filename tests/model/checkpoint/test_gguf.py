@@ -155,6 +155,23 @@ def test_gguf_file_reads_smollm2_like_gguf_reader():
     assert_same_as_gguf_reader(smollm2_gguf())
 
 
+def test_released_tensor_pages_leave_the_process_and_read_back_the_same():
+    """Loading drops each tensor's pages from the map once read (GGUFFile.release); reading again faults them back
+    from the page cache, unchanged, and the map's resident size falls."""
+    file = GGUFFile(smollm2_gguf())
+    info = max(file.tensors.values(), key=lambda t: t.nbytes)  # the embedding, ~30 MB
+    first = file.tensor_bytes(info).copy()
+
+    def resident() -> int:
+        return sum(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("RssFile:")) * 1024
+
+    before = resident()
+    file.release(info)
+    assert before - resident() > info.nbytes // 2
+    assert np.array_equal(file.tensor_bytes(info), first)
+
+
 # --- the bundled SmolLM2 against transformers ---------------------------------------------------
 
 @pytest.fixture(scope="module")
