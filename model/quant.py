@@ -1,9 +1,8 @@
 """Weight-only quantised linear layers, served exactly as a GGUF stores them, and the ways to fill them.
 
-A weight is a code times a scale plus an offset, per group of 32 input features (16 for Q6_K). Four kinds of
+A weight is a code times a scale plus an offset, per group of 32 input features (16 for Q6_K). Three kinds of
 scales cover llama.cpp's types (model/checkpoint/gguf_blocks.py decodes them):
-  LEGACY  scale d and offset m per group, float16                      Q4_1, Q5_1, Q8_0 (m = 0)
-  SYMMETRIC  scale d per group, float16, offset -2^(bits - 1) d        Q4_0, Q5_0
+  LEGACY  scale d and offset m per group, float16                      Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
   K32     scale D a, offset M b: D, M float16 per 256, a, b bytes per 32  Q4_K, Q5_K
   K16     scale D a, offset M a per half group: a a signed byte, M = -32 D  Q6_K
 Codes are 4, 5, 6 or 8 bits. Every row, prompt or generated, is multiplied on the packed codes by our own CPU
@@ -27,12 +26,7 @@ from model.kernels.cpu import packed_linear_kernel
 GROUP_SIZE = 32  # input features per group of scales (Q6_K's halves are 16)
 TILE = 16        # output features per tile of the kernel's layout
 SUPER = 256      # input features per super-block of the K kinds
-LEGACY, K32, K16, SYMMETRIC = 0, 1, 2, 3  # kinds of scales, as the kernel numbers them
-
-
-def per_group(kind: int) -> bool:
-    """Whether a kind's scales are per group of 32 (LEGACY, SYMMETRIC), not per super-block of 256 (K-quants)."""
-    return kind in (LEGACY, SYMMETRIC)
+LEGACY, K32, K16 = 0, 1, 2  # kinds of scales, as the kernel numbers them
 
 
 def packable(out_features: int, in_features: int) -> bool:
@@ -42,7 +36,7 @@ def packable(out_features: int, in_features: int) -> bool:
 @dataclass
 class PackedWeight:
     """A quantised weight [N, K] in plain form: `codes` [N, K] (uint8 below 8 bits, int8 at 8), `d` and `m`
-    float16 [N, U] (U = K / 32 for LEGACY and SYMMETRIC, K / 256 otherwise), `sub` uint8 [N, K / 32, 2] (K32: a, b; K16: the
+    float16 [N, U] (U = K / 32 for LEGACY, K / 256 otherwise), `sub` uint8 [N, K / 32, 2] (K32: a, b; K16: the
     two halves' a, signed) or None."""
 
     bits: int
@@ -55,7 +49,7 @@ class PackedWeight:
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each weight's scale and offset, [N, K] float32 (exact: products of a float16 and a byte)."""
         d, m = self.d.float(), self.m.float()
-        if per_group(self.kind):
+        if self.kind == LEGACY:
             return d.repeat_interleave(GROUP_SIZE, 1), m.repeat_interleave(GROUP_SIZE, 1)
         d, m = d.repeat_interleave(SUPER // 16, 1), m.repeat_interleave(SUPER // 16, 1)  # per half group
         if self.kind == K32:
@@ -84,7 +78,7 @@ class PackedWeight:
 
     def column_range(self, start: int, end: int) -> PackedWeight:
         """Input columns [start, end), which must fall on the scales' groups (32 inputs; 256 for K kinds)."""
-        unit = GROUP_SIZE if per_group(self.kind) else SUPER
+        unit = GROUP_SIZE if self.kind == LEGACY else SUPER
         if start % unit or end % unit:
             raise ValueError(f"a {self.bits}-bit weight can only be split every {unit} inputs, not at {start}:{end}")
         scales = slice(start // unit, end // unit)
@@ -114,14 +108,11 @@ def _(x, codes, high, scales, sub, bits, kind, out_features, out_float):
 
 def implied_offset(bits: int, kind: int, d: torch.Tensor) -> torch.Tensor | None:
     """The offsets that follow from the scales `d` (float16), not stored in the packed layout: 8-bit codes have none
-    (Q8_0 is symmetric), Q6_K's is -32 D and Q4_0's and Q5_0's -8 d and -16 d (exact in float16); None where
-    offsets are stored."""
+    (Q8_0 is symmetric), and Q6_K's is -32 D (exact in float16); None where offsets are stored."""
     if bits == 8:
         return torch.zeros_like(d)
     if kind == K16:
         return (-32 * d.float()).to(torch.float16)
-    if kind == SYMMETRIC:
-        return (-(2 ** (bits - 1)) * d.float()).to(torch.float16)
     return None
 
 
@@ -159,7 +150,7 @@ class PackedLinear(nn.Module):
     @classmethod
     def from_weight(cls, w: PackedWeight, out_float: bool = False, chunk: int = 4096) -> PackedLinear:
         N, K = w.codes.shape
-        if not packable(N, K) or (not per_group(w.kind) and K % SUPER):
+        if not packable(N, K) or (w.kind != LEGACY and K % SUPER):
             raise ValueError(f"a packed weight needs N divisible by {TILE} and K by {GROUP_SIZE} "
                              f"({SUPER} for K-quants); got {N} x {K}")
         if N > chunk:  # whole tiles, `chunk` rows at a time: packing takes temporaries several times the codes
@@ -193,7 +184,7 @@ class PackedLinear(nn.Module):
         N, K = self.out_features, self.in_features
         d, *m = _untiled(self.scales.permute(0, 2, 1, 3)).unbind(1)                     # [N, U] each
         m = m[0] if m else implied_offset(self.bits, self.kind, d)
-        sub = None if per_group(self.kind) else _untiled(self.sub)                      # [N, G, 2]
+        sub = None if self.kind == LEGACY else _untiled(self.sub)                       # [N, G, 2]
         if self.bits == 8:
             codes = self.codes.reshape(T, G, 16, TILE, 2).permute(0, 3, 1, 2, 4).reshape(N, K)
             return PackedWeight(8, self.kind, codes.contiguous(), d, m, sub)
@@ -219,7 +210,7 @@ class PackedLinear(nn.Module):
                                          ).squeeze(3).unbind(2)                         # [n, U] each
         m = m[0] if m else implied_offset(self.bits, self.kind, d)
         sub = None
-        if not per_group(self.kind):
+        if self.kind != LEGACY:
             sub = self.sub[tile].gather(3, feature[:, None, None, None].expand(n, G, 2, 1)).squeeze(3)
         if self.bits == 8:  # pair p, lane 2f + j: input 2p + j
             q = self.codes[tile].gather(3, lanes[:, None, None, :].expand(n, G, 16, 2))  # [n, G, 16, 2]
@@ -252,8 +243,7 @@ class PackedLinear(nn.Module):
         return sum(b.nbytes for b in (self.codes, self.high, self.scales, self.sub))
 
     def extra_repr(self) -> str:
-        kind = {LEGACY: "groups of 32", SYMMETRIC: "symmetric groups of 32", K32: "K-quant groups of 32",
-                K16: "K-quant groups of 16"}[self.kind]
+        kind = {LEGACY: "groups of 32", K32: "K-quant groups of 32", K16: "K-quant groups of 16"}[self.kind]
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit {kind}"
                 f"{', float32 outputs' if self.out_float else ''}")
 

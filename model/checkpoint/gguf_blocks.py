@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from model.quant import K16, K32, LEGACY, SYMMETRIC, PackedWeight
+from model.quant import K16, K32, LEGACY, PackedWeight
 
 # The types served packed, exactly as stored.
 PACKED_TYPES = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
@@ -41,9 +41,8 @@ def _bits(words: np.ndarray, count: int) -> np.ndarray:
     return (words[..., None] >> np.arange(count, dtype=np.uint32)) & 1
 
 
-def _legacy(rows: int, codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int, kind: int = LEGACY
-            ) -> PackedWeight:
-    return PackedWeight(bits, kind, torch.from_numpy(np.ascontiguousarray(codes.reshape(rows, -1))),
+def _legacy(rows: int, codes: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int) -> PackedWeight:
+    return PackedWeight(bits, LEGACY, torch.from_numpy(np.ascontiguousarray(codes.reshape(rows, -1))),
                         torch.from_numpy(np.ascontiguousarray(d)), torch.from_numpy(np.ascontiguousarray(m)))
 
 
@@ -81,7 +80,7 @@ def _decode(raw: np.ndarray, qtype: Q) -> PackedWeight:
         b = _blocks(raw, header + 16)
         d = _f16(b, 0)
         m = _f16(b, 2) if qtype == Q.Q4_1 else (-8 * d.astype(np.float32)).astype(np.float16)
-        return _legacy(rows, _nibbles(b[..., header:]), d, m, 4, LEGACY if qtype == Q.Q4_1 else SYMMETRIC)
+        return _legacy(rows, _nibbles(b[..., header:]), d, m, 4)
     if qtype in (Q.Q5_0, Q.Q5_1):
         header = 2 if qtype == Q.Q5_0 else 4
         b = _blocks(raw, header + 4 + 16)
@@ -89,7 +88,7 @@ def _decode(raw: np.ndarray, qtype: Q) -> PackedWeight:
         m = _f16(b, 2) if qtype == Q.Q5_1 else (-16 * d.astype(np.float32)).astype(np.float16)
         qh = b[..., header:header + 4].copy().view(np.uint32)[..., 0]
         codes = _nibbles(b[..., header + 4:]) | (_bits(qh, 32).astype(np.uint8) << 4)
-        return _legacy(rows, codes, d, m, 5, LEGACY if qtype == Q.Q5_1 else SYMMETRIC)
+        return _legacy(rows, codes, d, m, 5)
     if qtype == Q.Q8_0:
         b = _blocks(raw, 34)
         codes = b[..., 2:].copy().view(np.int8)

@@ -2,8 +2,7 @@
  *
  * W is cut into tiles of 16 output features by groups of 32 input features. A weight is a code times its scale
  * plus its offset, both per group (or per half group of 16), exactly as llama.cpp's blocks define them:
- *   legacy (Q4_1, Q5_1, Q8_0): scale d and offset m of each group, float16 (Q8_0: no offset);
- *   symmetric (Q4_0, Q5_0): scale d of each group, float16, and the offset -2^(bits - 1) d;
+ *   legacy (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): scale d and offset m of each group, float16;
  *   K32 (Q4_K, Q5_K): scale D a and offset M b, with D, M float16 per super-block of 256 and a, b the group's
  *     6-bit sub-scales (unsigned bytes);
  *   K16 (Q6_K): scale D a and offset M a for each half group, a a signed byte, M = -32 D.
@@ -29,8 +28,7 @@
  *   high     5 bits: uint32 [T, G, 8, 2], per chunk the masks of bit 4 of its low and its high nibbles' codes
  *            (bit i for byte i); 6 bits: [T, G, 8, 4], bit 4 then bit 5 likewise; else unused
  *   scales   float16 [T, U, S, 16]: D (or d) then M (or m) of the tile's 16 features; S = 1, the scale alone, where
- *            the offset follows from it (8-bit codes have none; K16's M is -32 D; SYMMETRIC's m -2^(bits - 1) d),
- *            else 2
+ *            the offset follows from it (8-bit codes have none; K16's M is -32 D), else 2
  *   sub      uint8 [T, G, 2, 16]: K32: a then b; K16: a of the first then the second half (signed); else unused
  *   out      [M, N] bfloat16 (rounded to nearest even) or float32
  */
@@ -44,12 +42,10 @@
 #define PREFETCH 2048 /* bytes ahead of the codes being read, fetched while a row block computes (M <= ROWS) */
 #define ROWS 6 /* rows per block: the chains of 6 rows stay within the 32 vector registers */
 
-enum { LEGACY = 0, K32 = 1, K16 = 2, SYMMETRIC = 3 };
+enum { LEGACY = 0, K32 = 1, K16 = 2 };
 
 /* float16 values per super-block (or group) and tile in `scales`: the scale alone, or the scale then the offset. */
-static inline int64_t scale_stride(int bits, int kind) {
-    return bits == 8 || kind == K16 || kind == SYMMETRIC ? 16 : 32;
-}
+static inline int64_t scale_stride(int bits, int kind) { return bits == 8 || kind == K16 ? 16 : 32; }
 
 static inline __m512bh broadcast_pair(const uint16_t *x) {
     int32_t pair;
@@ -112,17 +108,14 @@ static inline __attribute__((always_inline)) void unpack_chunk(int bits, const u
 }
 
 /* The four per-feature factors of group g of a tile: scale and offset of its two halves. */
-static inline __attribute__((always_inline)) void group_factors(int bits, int kind, int64_t g, const uint16_t *scales,
+static inline __attribute__((always_inline)) void group_factors(int kind, int64_t g, const uint16_t *scales,
                                                                 const uint8_t *sub, __m512 *dl, __m512 *dh, __m512 *ml,
                                                                 __m512 *mh) {
-    const int64_t s = (kind == LEGACY || kind == SYMMETRIC ? g : g / 8) * scale_stride(bits, kind); /* g's scales */
+    const int64_t s = (kind == LEGACY ? g : g / 8) * scale_stride(6, kind); /* the scales of g (6: any width below 8) */
     const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + s)));
     if (kind == LEGACY) {
         *dl = *dh = D;
         *ml = *mh = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + s + 16)));
-    } else if (kind == SYMMETRIC) { /* -2^(bits - 1) d, exact in float32 */
-        *dl = *dh = D;
-        *ml = *mh = _mm512_mul_ps(D, _mm512_set1_ps(-(float)(1 << (bits - 1))));
     } else if (kind == K32) {
         const __m512 Mo = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + s + 16)));
         const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sub + g * 32))));
@@ -176,7 +169,7 @@ static inline __attribute__((always_inline)) void tile_low(int bits, int kind, c
             }
         }
         __m512 dl, dh, ml, mh;
-        group_factors(bits, kind, g, scales, sub, &dl, &dh, &ml, &mh);
+        group_factors(kind, g, scales, sub, &dl, &dh, &ml, &mh);
         for (int r = 0; r < R; r++) {
             acc[r] = _mm512_fmadd_ps(dl, lo[r], acc[r]);
             acc[r] = _mm512_fmadd_ps(dh, hi[r], acc[r]);
@@ -237,8 +230,7 @@ static inline __attribute__((always_inline)) void run_low(int bits, int kind, co
                                                           const uint8_t *codes, const uint32_t *high,
                                                           const uint16_t *scales, const uint8_t *sub, int64_t N,
                                                           void *out, int out_float, const float *sums) {
-    const int64_t G = K / GROUP, T = N / TILE, U = kind == LEGACY || kind == SYMMETRIC ? G : K / 256;
-    const int64_t planes = bits == 6 ? 4 : 2;
+    const int64_t G = K / GROUP, T = N / TILE, U = kind == LEGACY ? G : K / 256, planes = bits == 6 ? 4 : 2;
 #pragma omp parallel
     {
         /* With more than one block of rows, each tile is converted once, for all of them. */
@@ -289,7 +281,7 @@ static void run_w8(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes,
     }
 }
 
-/* y = x W^T for W of `bits` (4, 5, 6, 8) and `kind` (LEGACY, K32, K16, SYMMETRIC), in the layouts above. Returns 0, or -1
+/* y = x W^T for W of `bits` (4, 5, 6, 8) and `kind` (LEGACY, K32, K16), in the layouts above. Returns 0, or -1
  * for a format this kernel has no code for. */
 int packed_linear(const uint16_t *x, int64_t M, int64_t K, int64_t N, int bits, int kind, const void *codes,
                   const uint32_t *high, const uint16_t *scales, const uint8_t *sub, void *out, int out_float) {
@@ -304,7 +296,7 @@ int packed_linear(const uint16_t *x, int64_t M, int64_t K, int64_t N, int bits, 
 #define CASE(B, KIND) \
     else if (bits == B && kind == KIND) run_low(B, KIND, x, M, K, codes, high, scales, sub, N, out, out_float, sums);
     if (0) {}
-    CASE(4, LEGACY) CASE(5, LEGACY) CASE(4, SYMMETRIC) CASE(5, SYMMETRIC) CASE(4, K32) CASE(5, K32) CASE(6, K16)
+    CASE(4, LEGACY) CASE(5, LEGACY) CASE(4, K32) CASE(5, K32) CASE(6, K16)
     else status = -1;
 #undef CASE
     free(sums);
