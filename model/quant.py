@@ -106,16 +106,6 @@ def _(x, codes, high, scales, sub, bits, kind, out_features, out_float):
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32 if out_float else torch.bfloat16)
 
 
-def implied_offset(bits: int, kind: int, d: torch.Tensor) -> torch.Tensor | None:
-    """The offsets that follow from the scales `d` (float16), not stored in the packed layout: 8-bit codes have none
-    (Q8_0 is symmetric), and Q6_K's is -32 D (exact in float16); None where offsets are stored."""
-    if bits == 8:
-        return torch.zeros_like(d)
-    if kind == K16:
-        return (-32 * d.float()).to(torch.float16)
-    return None
-
-
 def _tiled(x: torch.Tensor) -> torch.Tensor:
     """[N, ...] -> [N / 16, ..., 16]: a tile's 16 features side by side, innermost."""
     return x.reshape(x.shape[0] // TILE, TILE, *x.shape[1:]).movedim(1, -1)
@@ -144,7 +134,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features, self.out_float = in_features, out_features, out_float
         self.register_buffer("codes", codes)    # [T, G, 8, 32] low nibbles, or [T, G, 16, 32] int8
         self.register_buffer("high", high)      # [T, G, 8, planes] int32 bit masks (5 and 6 bits), else empty
-        self.register_buffer("scales", scales)  # [T, U, S, 16] float16: d (or D), m (or M) where not implied
+        self.register_buffer("scales", scales)  # [T, U, 2, 16] float16: d (or D), m (or M)
         self.register_buffer("sub", sub)        # [T, G, 2, 16] uint8 sub-scales (K kinds), else empty
 
     @classmethod
@@ -158,12 +148,8 @@ class PackedLinear(nn.Module):
             names = ("codes", "high", "scales", "sub")
             return cls(w.bits, w.kind, *(torch.cat([getattr(p, n) for p in parts]) for n in names), K, N, out_float)
         T, G = N // TILE, K // GROUP_SIZE
-        implied = implied_offset(w.bits, w.kind, w.d.to(torch.float16))
-        if implied is not None and not torch.equal(w.m.to(torch.float16), implied):
-            raise ValueError(f"a {w.bits}-bit weight of kind {w.kind} must have the offsets its scales imply")
-        parts = [w.d] if implied is not None else [w.d, w.m]  # the kernel's file says which are stored
-        scales = _tiled(torch.stack(parts, dim=1).to(torch.float16)).contiguous()       # [T, S, U, 16] -> below
-        scales = scales.permute(0, 2, 1, 3).contiguous()                                    # [T, U, S, 16]
+        scales = _tiled(torch.stack([w.d, w.m], dim=1).to(torch.float16)).contiguous()  # [T, 2, U, 16] -> below
+        scales = scales.permute(0, 2, 1, 3).contiguous()                                    # [T, U, 2, 16]
         sub = torch.empty(0, dtype=torch.uint8) if w.sub is None else _tiled(w.sub.to(torch.uint8)).contiguous()
         if w.bits == 8:
             # [T, 16 features, G, 16 pairs, 2] -> [T, G, 16 pairs, 16 features, 2]
@@ -182,8 +168,7 @@ class PackedLinear(nn.Module):
         """The plain form of the packed weight (the inverse of `from_weight`)."""
         T, G = self.codes.shape[:2]
         N, K = self.out_features, self.in_features
-        d, *m = _untiled(self.scales.permute(0, 2, 1, 3)).unbind(1)                     # [N, U] each
-        m = m[0] if m else implied_offset(self.bits, self.kind, d)
+        d, m = _untiled(self.scales.permute(0, 2, 1, 3)).unbind(1)                      # [N, U] each
         sub = None if self.kind == LEGACY else _untiled(self.sub)                       # [N, G, 2]
         if self.bits == 8:
             codes = self.codes.reshape(T, G, 16, TILE, 2).permute(0, 3, 1, 2, 4).reshape(N, K)
@@ -206,9 +191,8 @@ class PackedLinear(nn.Module):
         n, G = index.shape[0], self.codes.shape[1]
         tile, feature = index // TILE, index % TILE
         lanes = torch.stack([2 * feature, 2 * feature + 1], dim=-1)                       # [n, 2]: the row's lanes
-        d, *m = self.scales[tile].gather(3, feature[:, None, None, None].expand(n, *self.scales.shape[1:3], 1)
-                                         ).squeeze(3).unbind(2)                         # [n, U] each
-        m = m[0] if m else implied_offset(self.bits, self.kind, d)
+        d, m = self.scales[tile].gather(3, feature[:, None, None, None].expand(n, self.scales.shape[1], 2, 1)
+                                        ).squeeze(3).unbind(2)                          # [n, U] each
         sub = None
         if self.kind != LEGACY:
             sub = self.sub[tile].gather(3, feature[:, None, None, None].expand(n, G, 2, 1)).squeeze(3)

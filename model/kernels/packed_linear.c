@@ -27,8 +27,7 @@
  *            (feature 0, 2p), (feature 0, 2p + 1), (feature 1, 2p), ...
  *   high     5 bits: uint32 [T, G, 8, 2], per chunk the masks of bit 4 of its low and its high nibbles' codes
  *            (bit i for byte i); 6 bits: [T, G, 8, 4], bit 4 then bit 5 likewise; else unused
- *   scales   float16 [T, U, S, 16]: D (or d) then M (or m) of the tile's 16 features; S = 1, the scale alone, where
- *            the offset follows from it (8-bit codes have none; K16's M is -32 D), else 2
+ *   scales   float16 [T, U, 2, 16]: D (or d) then M (or m) of the tile's 16 features
  *   sub      uint8 [T, G, 2, 16]: K32: a then b; K16: a of the first then the second half (signed); else unused
  *   out      [M, N] bfloat16 (rounded to nearest even) or float32
  */
@@ -43,9 +42,6 @@
 #define ROWS 6 /* rows per block: the chains of 6 rows stay within the 32 vector registers */
 
 enum { LEGACY = 0, K32 = 1, K16 = 2 };
-
-/* float16 values per super-block (or group) and tile in `scales`: the scale alone, or the scale then the offset. */
-static inline int64_t scale_stride(int bits, int kind) { return bits == 8 || kind == K16 ? 16 : 32; }
 
 static inline __m512bh broadcast_pair(const uint16_t *x) {
     int32_t pair;
@@ -111,13 +107,13 @@ static inline __attribute__((always_inline)) void unpack_chunk(int bits, const u
 static inline __attribute__((always_inline)) void group_factors(int kind, int64_t g, const uint16_t *scales,
                                                                 const uint8_t *sub, __m512 *dl, __m512 *dh, __m512 *ml,
                                                                 __m512 *mh) {
-    const int64_t s = (kind == LEGACY ? g : g / 8) * scale_stride(6, kind); /* the scales of g (6: any width below 8) */
-    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + s)));
+    const int64_t s = kind == LEGACY ? g : g / 8; /* super-block */
+    const __m512 D = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + s * 32)));
+    const __m512 Mo = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + s * 32 + 16)));
     if (kind == LEGACY) {
         *dl = *dh = D;
-        *ml = *mh = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + s + 16)));
+        *ml = *mh = Mo;
     } else if (kind == K32) {
-        const __m512 Mo = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + s + 16)));
         const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sub + g * 32))));
         const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(sub + g * 32 + 16))));
         *dl = *dh = _mm512_mul_ps(D, a);
@@ -209,7 +205,7 @@ static inline __attribute__((always_inline)) void tile_w8(const uint16_t *x, int
                 odd[r] = _mm512_dpbf16_ps(odd[r], wb, broadcast_pair(xr + 2));
             }
         }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + g * 16)));
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + g * 32)));
         for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(d, _mm512_add_ps(even[r], odd[r]), acc[r]);
     }
 }
@@ -249,8 +245,7 @@ static inline __attribute__((always_inline)) void run_low(int bits, int kind, co
             for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
                 const int R = M - r0 < ROWS ? (int)(M - r0) : ROWS;
                 __m512 acc[ROWS];
-                DISPATCH(tile_low(bits, kind, x + r0 * K, K, R_, tile, tile_high,
-                                  scales + t * U * scale_stride(bits, kind),
+                DISPATCH(tile_low(bits, kind, x + r0 * K, K, R_, tile, tile_high, scales + t * U * 32,
                                   sub ? sub + t * G * 32 : NULL, unpacked, sums + r0 * 2 * G, table, acc))
                 for (int r = 0; r < R; r++) store_row(out, out_float, (r0 + r) * N + t * TILE, acc[r]);
             }
@@ -273,7 +268,7 @@ static void run_w8(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes,
             for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
                 const int R = M - r0 < ROWS ? (int)(M - r0) : ROWS;
                 __m512 acc[ROWS];
-                DISPATCH(tile_w8(x + r0 * K, K, R_, tile, unpacked, scales + t * G * 16, acc))
+                DISPATCH(tile_w8(x + r0 * K, K, R_, tile, unpacked, scales + t * G * 32, acc))
                 for (int r = 0; r < R; r++) store_row(out, out_float, (r0 + r) * N + t * TILE, acc[r]);
             }
         }

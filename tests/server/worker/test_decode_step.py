@@ -76,8 +76,7 @@ def test_a_step_over_each_packed_embedding_compiles_and_equals_eager(bits, kind)
     codes = torch.randint(-128 if bits == 8 else 0, 128 if bits == 8 else 2 ** bits, (N, K), generator=gen)
     units = K // GROUP_SIZE if kind == LEGACY else K // SUPER
     scale = (torch.rand(N, units, generator=gen) * 0.01).half()
-    offset = (torch.zeros_like(scale) if bits == 8 else (-32 * scale.float()).half() if kind == K16  # Q6_K: -32 D
-              else (-torch.rand(N, units, generator=gen) * 0.05).half())
+    offset = torch.zeros_like(scale) if bits == 8 else (-torch.rand(N, units, generator=gen) * 0.05).half()
     sub = None if kind == LEGACY else torch.randint(0, 64, (N, K // GROUP_SIZE, 2), generator=gen, dtype=torch.uint8)
     weight = PackedWeight(bits, kind, codes.to(torch.int8 if bits == 8 else torch.uint8), scale, offset, sub)
     model.model.embed_tokens = PackedEmbedding(PackedLinear.from_weight(weight), torch.bfloat16)
